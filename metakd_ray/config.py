@@ -151,6 +151,9 @@ class TeacherConfig:
     alpha: float = _f(0.5, 0.0, 1.0)
     # "class": one prototype per (domain, class) (paper); "domain": one per domain (reference code).
     prototypes: Literal["class", "domain"] = "class"
+    # "paper": t_i = alpha*cos(own) + (1-alpha)/(K-1)*sum_other cos; "reference": alpha*cos(own) +
+    # (1-alpha)*cos(mean of the other domains' prototypes), as the reference code.
+    score_formula: Literal["paper", "reference"] = "paper"
     # Domain-corruption loss weight gamma1 and false labels: "uniform" over the other K-1 domains (paper) or
     # "permute" = a permutation of the batch's domain ids (reference code).
     gamma1: float = _f(0.5, 0.0, 100.0)
@@ -176,6 +179,11 @@ class DistillConfig:
     grad_norm: float = _f(1.0, 0.0, 1e6, lo_open=True)
     # The reference code leaves the teacher's dropout on while distilling; we put the teacher in eval mode.
     teacher_dropout: bool = False
+    # Hidden/embedding/attention MSE per instance: false = mean over real tokens (query/key pairs for attention),
+    # so an instance's loss does not depend on its batch's padding; true = TinyBERT's mean over all positions.
+    include_padding: bool = False
+    # Multiply the soft cross-entropy by T^2 (Hinton et al.); the paper and reference code do not.
+    scale_by_t2: bool = False
 
 
 @dataclass(frozen=True)

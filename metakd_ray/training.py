@@ -1,0 +1,253 @@
+"""The one training loop every stage runs (teacher, distillation stage 1, stage 2), plus its pieces:
+optimiser and schedule, seeding, full-state checkpoints and per-domain accuracy.
+
+A stage is: a model, a loss function of one batch (returning named per-instance terms), a number of epochs,
+an lr schedule and, optionally, an evaluation whose ``mean`` selects the best epoch. The loop is plain PyTorch
+and single-process; the Ray Train stage calls it unchanged with a distributed loader and a checkpointer that
+reports to Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Literal, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from metakd_ray.losses import LossTerms
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The encoder's inputs from a collated batch (``token_type_ids`` only when the tokenizer gives them)."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, total_steps: int, warmup: float,
+                   schedule: Literal["linear", "constant"] = "linear"):
+    """AdamW (no decay on biases and LayerNorm weights); ``linear`` = warmup then linear decay to 0,
+    ``constant`` = warmup then constant (the reference code's distillation stage 1)."""
+    from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or "norm" in name.lower() else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    warm = int(warmup * total_steps)
+    if schedule == "constant":
+        sched = get_constant_schedule_with_warmup(opt, warm)
+    else:
+        sched = get_linear_schedule_with_warmup(opt, warm, max(total_steps, 1))
+    return opt, sched
+
+
+@torch.no_grad()
+def accuracy_by_domain(model: nn.Module, loader: Iterable[dict], domain_names: tuple[str, ...],
+                       logits_fn: Callable[[nn.Module, dict], torch.Tensor]) -> dict[str, float]:
+    """Accuracy per domain present in ``loader`` (keyed by name) and their unweighted ``mean``."""
+    was_training = model.training
+    model.eval()
+    correct: dict[int, int] = {}
+    total: dict[int, int] = {}
+    for batch in loader:
+        ok = (logits_fn(model, batch).argmax(-1) == batch["labels"]).tolist()
+        for d, hit in zip(batch["domain_ids"].tolist(), ok):
+            correct[d] = correct.get(d, 0) + int(hit)
+            total[d] = total.get(d, 0) + 1
+    model.train(was_training)
+    acc = {domain_names[d]: correct[d] / total[d] for d in sorted(total)}
+    acc["mean"] = float(np.mean(list(acc.values()))) if acc else float("nan")
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Checkpointer(Protocol):
+    """Where a stage's full state goes after every epoch, and comes back from on resume."""
+
+    def load(self) -> dict | None: ...
+
+    def save(self, state: dict, metrics: dict) -> None: ...
+
+
+@dataclass
+class LocalCheckpointer:
+    """Full state in ``<directory>/last.pt`` (written to a temp file, then atomically renamed) and one JSON line of
+    metrics per epoch in ``<directory>/metrics.jsonl``."""
+
+    directory: Path
+
+    def load(self) -> dict | None:
+        p = Path(self.directory) / "last.pt"
+        return torch.load(p, weights_only=False) if p.exists() else None
+
+    def save(self, state: dict, metrics: dict) -> None:
+        d = Path(self.directory)
+        d.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, suffix=".pt.tmp")
+        os.close(fd)
+        torch.save(state, tmp)
+        os.replace(tmp, d / "last.pt")
+        with open(d / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+
+def atomic_export(export: Callable[[Path], None], target: Path) -> Path:
+    """Run ``export(tmp_dir)`` then move the result to ``target``, replacing an older export only when the new
+    one is complete."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        export(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One stage's optimisation settings."""
+
+    name: str
+    epochs: int
+    lr: float
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    grad_norm: float = 1.0
+    schedule: Literal["linear", "constant"] = "linear"
+
+
+@dataclass
+class StageResult:
+    best_dev: float  # NaN when the stage does no dev selection
+    best_epoch: int
+    history: list[dict] = field(default_factory=list)
+
+
+def train_stage(
+    model: nn.Module,
+    loss_fn: Callable[[dict, torch.Generator], LossTerms],
+    train_loader: Iterable[dict],
+    stage: StageConfig,
+    *,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    seed: int = 0,
+    checkpointer: Checkpointer | None = None,
+    log: Callable[[dict], None] | None = None,
+    set_epoch: Callable[[int], None] | None = None,
+    extra_state: dict | None = None,
+) -> StageResult:
+    """Train ``model`` for one stage.
+
+    Every epoch: one pass of ``loss_fn`` over ``train_loader`` (AdamW, schedule, grad-norm clipping), then
+    ``evaluate()`` if given; the epoch with the best ``mean`` is kept and its weights are loaded at the end
+    (without ``evaluate`` the last epoch is kept). After every epoch the full state (model, optimiser,
+    scheduler, epoch, step, RNG states, best weights, history, ``extra_state``) goes to ``checkpointer``; a
+    checkpoint found at the start resumes from the epoch after it. ``set_epoch`` lets a distributed sampler
+    reshuffle per epoch. ``loss_fn(batch, generator)`` gets a seeded generator for its own sampling.
+    """
+    try:
+        steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    except TypeError:
+        steps_per_epoch = 1
+    opt, sched = make_optimizer(model, stage.lr, stage.weight_decay, stage.epochs * steps_per_epoch, stage.warmup,
+                                stage.schedule)
+    set_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    start, step, history = 0, 0, []
+    best_dev, best_epoch, best_state = float("-inf"), -1, None
+    state = checkpointer.load() if checkpointer else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, step, history = state["epoch"] + 1, state["step"], state["history"]
+        best_dev, best_epoch, best_state = state["best_dev"], state["best_epoch"], state["best_state"]
+        gen.set_state(state["generator"])
+        set_rng_state(state["rng"])
+    model.train()
+    for epoch in range(start, stage.epochs):
+        if set_epoch:
+            set_epoch(epoch)
+        sums: dict[str, float] = {}
+        batches = 0
+        for batch in train_loader:
+            terms = loss_fn(batch, gen)
+            opt.zero_grad(set_to_none=True)
+            terms.total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_norm)
+            opt.step()
+            sched.step()
+            step += 1
+            batches += 1
+            sums["loss"] = sums.get("loss", 0.0) + float(terms.total.detach())
+            for name, value in terms.terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach().float().mean())
+        metrics: dict = {"stage": stage.name, "epoch": epoch, "step": step,
+                         **{f"train_{k}": v / max(batches, 1) for k, v in sums.items()}}
+        if evaluate is not None:
+            dev = evaluate()
+            metrics.update({f"dev_acc_{k}": v for k, v in dev.items()})
+            if dev["mean"] > best_dev:
+                best_dev, best_epoch = dev["mean"], epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        history.append(metrics)
+        if log:
+            log(metrics)
+        if checkpointer:
+            checkpointer.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "epoch": epoch, "step": step, "history": history,
+                               "best_dev": best_dev, "best_epoch": best_epoch, "best_state": best_state,
+                               "generator": gen.get_state(), "rng": rng_state(), **(extra_state or {})},
+                              metrics)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        best_epoch = len(history) - 1
+    model.eval()
+    return StageResult(best_dev=best_dev if evaluate is not None else float("nan"), best_epoch=best_epoch,
+                       history=history)
