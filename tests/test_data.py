@@ -454,8 +454,8 @@ def test_tokenize_and_collate(amazon, mnli, tokenizer):
     batch = collate([enc[i] for i in range(8)])
     assert batch["input_ids"].shape == (8, max(lengths[:8]))
     assert batch["labels"].tolist() == column(enc, "label")[:8]
-    assert batch["domain_id"].tolist() == column(enc, "domain_id")[:8]
-    assert batch["id"] == column(enc, "id")[:8]
+    assert batch["domain_ids"].tolist() == column(enc, "domain_id")[:8]
+    assert batch["ids"] == column(enc, "id")[:8]
     assert batch["attention_mask"].sum(1).tolist() == lengths[:8]
     pairs = tokenize(mnli["dev"].select(range(4)), tokenizer, max_length=128)
     assert all(1 in t for t in column(pairs, "token_type_ids"))  # the hypothesis is the second segment
