@@ -5,9 +5,10 @@
 Students keep teacher layers [3, 6] and [2, 4, 6] (``student_from_teacher``, evenly spaced). For each: parameters,
 compression ratio (teacher / student parameters), forward+backward seconds per batch (batch 32, 128 tokens,
 2 threads; the two students alternate step by step, ``--repeats`` steps each after a warm-up; the ratio uses the
-minimum, the least-disturbed figure when other processes share the CPUs), and test accuracy after a plain fine-tune (classifier on
-mean pooling, AdamW lr 5e-5, batch 32) on one Amazon domain. Prints a table; the last line is
-``ratio=<3-layer time / 2-layer time>``; writes benchmarks/results/student_depth.json. About 4 minutes on 2 CPUs.
+minimum, the least-disturbed figure when other processes share the CPUs), and test accuracy after a plain
+fine-tune (classifier on mean pooling, AdamW lr 5e-5, batch 32) on one Amazon domain. Prints a table; the last line is
+``ratio=<3-layer time / 2-layer time>``; writes benchmarks/results/student_depth.json. About 3 minutes on 2 CPUs (5 when
+other processes share them).
 
 The reviews are read by a small local parser so the benchmark does not depend on metakd_ray.data.
 """
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'train s':>8}")
     for name, r in results.items():
         print(f"{name:<9} {str(r['teacher_layers']):<10} {r['params']:>11,} {r['compression_ratio']:>6.2f} "
-              f"{r['min_step_seconds']:>7.3f} {r['median_step_seconds']:>7.3f} {r['accuracy']:>6.3f} {r['train_seconds']:>8.1f}")
+              f"{r['min_step_seconds']:>7.3f} {r['median_step_seconds']:>7.3f} {r['accuracy']:>6.3f} "
+              f"{r['train_seconds']:>8.1f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(

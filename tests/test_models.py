@@ -76,7 +76,8 @@ def assert_same_module(a: torch.nn.Module, b: torch.nn.Module) -> None:
 def test_default_teacher_loads_offline_with_all_outputs(minilm):
     encoder, tokenizer = minilm
     assert default_teacher_path().is_dir() and resolve_model("default") == str(default_teacher_path())
-    assert (encoder.config.num_hidden_layers, encoder.config.hidden_size, encoder.config.num_attention_heads) == (6, 384, 12)
+    c = encoder.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads) == (6, 384, 12)
     assert encoder.config._attn_implementation == "eager" and encoder.pooler is None
     enc = tokenizer(["a fine book", "the worst kettle I ever bought, it leaks"], padding=True, return_tensors="pt")
     t = enc["input_ids"].shape[1]
