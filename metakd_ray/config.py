@@ -112,7 +112,9 @@ class StudentConfig:
 
     ``source``: ``teacher_layers`` keeps ``num_layers`` layers of the teacher (evenly spaced unless ``layers`` is
     given, 1-based teacher layer indices); ``pretrained`` loads ``path`` (hub id or directory); ``random`` builds
-    a randomly initialised BERT of the given shape (tests, timing).
+    a randomly initialised BERT of the given shape (tests, timing). For ``pretrained`` and ``random`` students,
+    ``layers`` (if given) is the layer map: the teacher layer each student layer learns from; otherwise
+    g(m) = m * N / M. Default 3 layers: measured against 2 in benchmarks/student_depth.py (README).
     """
 
     source: Literal["teacher_layers", "pretrained", "random"] = "teacher_layers"

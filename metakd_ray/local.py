@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", default="meta/meta_kd", help=f"one of {', '.join(C.VALID_METHODS)}")
     ap.add_argument("--rate", type=float, default=None, help="sample rate (default: the first of sweep.sample_rates)")
     ap.add_argument("--seed", type=int, default=None, help="seed (default: the first of sweep.seeds)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     try:
         cfg = C.load(args.config, args.overrides)
         target = args.target or (cfg.sweep.target_domains or cfg.data.domains)[0]

@@ -80,7 +80,16 @@ def _from_pretrained(path: str, **config_overrides: Any) -> nn.Module:
     model_cls = MODEL_MAPPING.get(type(config), None)
     if model_cls is not None and "add_pooling_layer" in inspect.signature(model_cls.__init__).parameters:
         kwargs["add_pooling_layer"] = False
-    return AutoModel.from_pretrained(path, config=config, attn_implementation="eager", dtype=torch.float32, **kwargs)
+    # The checkpoint's pooler weights are unused by design; keep transformers' load report about them quiet.
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModel.from_pretrained(path, config=config, attn_implementation="eager", dtype=torch.float32,
+                                         **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def load_encoder(name_or_path: str, *, dropout: float | None = None) -> tuple[nn.Module, Any]:
@@ -198,13 +207,16 @@ def build_student(model_cfg: Any, teacher_encoder: nn.Module, tokenizer: Any) ->
             raise ValueError(f"model.student.path={s.path!r} has a different vocabulary from the teacher's "
                              f"({len(student_tokenizer)} vs {len(tokenizer)} tokens); the same token ids feed both, "
                              "so pick a student with the teacher's tokenizer")
-        return student
-    if s.source == "random":
+    elif s.source == "random":
         tc = teacher_encoder.config
-        return random_encoder(hidden_size=s.hidden_size, num_layers=s.num_layers, num_heads=s.num_attention_heads,
-                              intermediate_size=s.intermediate_size, vocab_size=max(len(tokenizer), tc.vocab_size),
-                              max_position=tc.max_position_embeddings, type_vocab_size=tc.type_vocab_size)
-    raise ValueError(f"model.student.source={s.source!r}; expected teacher_layers, pretrained or random")
+        student = random_encoder(hidden_size=s.hidden_size, num_layers=s.num_layers, num_heads=s.num_attention_heads,
+                                 intermediate_size=s.intermediate_size, vocab_size=max(len(tokenizer), tc.vocab_size),
+                                 max_position=tc.max_position_embeddings, type_vocab_size=tc.type_vocab_size)
+    else:
+        raise ValueError(f"model.student.source={s.source!r}; expected teacher_layers, pretrained or random")
+    if s.layers:  # an explicit layer map for a student not built from teacher layers
+        student.config.metakd_teacher_layers = list(_check_kept(s.layers, teacher_encoder.config.num_hidden_layers))
+    return student
 
 
 # ----------------------------------------------------------------------------------------------------------
