@@ -200,7 +200,12 @@ class SweepConfig:
     methods: tuple[str, ...] = ("single/tinybert_kd", "meta/meta_kd")
     seeds: tuple[int, ...] = (0,)
     gamma2: tuple[float, ...] = ()  # an axis for the gamma2 preset (Fig. 4); empty: tuned/fixed per distill.gamma2
+    # Optuna trials per cell; the first runs the configured hyper-parameters, the others tune ``tune`` on the
+    # target domain's dev accuracy (one study per cell).
     trials_per_cell: int = _f(1, 1, 10000)
+    tune: tuple[str, ...] = ("stage1_lr", "stage2_lr", "temperature", "gamma2")
+    # A trial that raises is retried this many times (from its last checkpoint) before it counts as failed.
+    max_failures: int = _f(1, 0, 100)
 
 
 @dataclass(frozen=True)
@@ -241,6 +246,8 @@ class Config:
 
 TEACHER_KINDS: tuple[str, ...] = typing.get_args(TeacherKind)
 STUDENT_METHODS: tuple[str, ...] = typing.get_args(StudentMethod)
+# Hyper-parameters a sweep may tune (ranges in metakd_ray/search.py).
+TUNABLE_NAMES = ("stage1_lr", "stage2_lr", "temperature", "gamma2")
 # Which teacher kinds each student method may be paired with.
 VALID_METHODS = tuple(
     [f"{t}/tinybert_kd" for t in TEACHER_KINDS] + ["meta/meta_kd", "none/finetune"]
@@ -408,6 +415,11 @@ def _check_semantics(cfg: Config, errors: list[str]) -> None:
         errors.append("sweep.sample_rates: [] is not allowed; expected at least one rate in (0, 1]")
     if not sw.seeds:
         errors.append("sweep.seeds: [] is not allowed; expected at least one seed")
+    for i, name in enumerate(sw.tune):
+        if name not in TUNABLE_NAMES:
+            close = difflib.get_close_matches(name, TUNABLE_NAMES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            errors.append(f"sweep.tune[{i}]: {name!r} is not tunable; allowed: {', '.join(TUNABLE_NAMES)}{hint}")
     for i, g in enumerate(sw.gamma2):
         if not (0.0 <= g <= 100.0):
             errors.append(f"sweep.gamma2[{i}]: {g!r} is out of range; allowed [0, 100]")

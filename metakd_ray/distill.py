@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from metakd_ray import losses
 from metakd_ray.config import DistillConfig
 from metakd_ray.models import Student
-from metakd_ray.training import (LocalCheckpointer, StageConfig, StageResult, accuracy_by_domain, model_inputs,
+from metakd_ray.training import (Checkpointer, LocalCheckpointer, StageConfig, StageResult, accuracy_by_domain, model_inputs,
                                  train_stage)
 
 STUDENT_METHODS = ("finetune", "tinybert_kd", "meta_kd")
@@ -141,11 +141,15 @@ def distill(
     domain_names: tuple[str, ...],
     seed: int = 0,
     checkpoint_dir: str | Path | None = None,
+    checkpointer: Callable[[str], Checkpointer] | None = None,
     log: Callable[[dict], None] | None = None,
 ) -> list[StageResult]:
     """Distil (or fine-tune) ``student`` on the target domain's ``train_loader``; stages as ``dcfg.stages`` says.
     The final stage keeps the epoch with the best accuracy on ``dev_loader`` (the target domain's dev split).
-    With ``checkpoint_dir``, each stage checkpoints every epoch to ``<dir>/<stage>`` and a rerun resumes."""
+    Each stage checkpoints every epoch and a rerun resumes: to ``<checkpoint_dir>/<stage>``, or through
+    ``checkpointer(stage name)`` (a Ray Tune trial reports its checkpoints to Tune)."""
+    if checkpointer is None and checkpoint_dir is not None:
+        checkpointer = lambda name: LocalCheckpointer(Path(checkpoint_dir) / name)  # noqa: E731
     if method not in STUDENT_METHODS:
         raise ValueError(f"student method {method!r} is not allowed; expected one of {', '.join(STUDENT_METHODS)}")
     if method != "finetune" and teacher is None:
@@ -159,7 +163,7 @@ def distill(
             stage,
             evaluate=(lambda: accuracy_by_domain(student, dev_loader, domain_names, student_logits)) if select else None,
             seed=seed,
-            checkpointer=LocalCheckpointer(Path(checkpoint_dir) / stage.name) if checkpoint_dir else None,
+            checkpointer=checkpointer(stage.name) if checkpointer else None,
             log=log,
             extra_state={"distill_config": dataclasses.asdict(dcfg), "method": method},
         ))

@@ -187,8 +187,9 @@ def train_stage(
     ``evaluate()`` if given; the epoch with the best ``mean`` is kept and its weights are loaded at the end
     (without ``evaluate`` the last epoch is kept). After every epoch the full state (model, optimiser,
     scheduler, epoch, step, RNG states, best weights, history, ``extra_state``) goes to ``checkpointer``; a
-    checkpoint found at the start resumes from the epoch after it. ``set_epoch`` lets a distributed sampler
-    reshuffle per epoch. ``loss_fn(batch, generator)`` gets a seeded generator for its own sampling.
+    checkpoint found at the start resumes from the epoch after it; one marked ``complete`` (the summary kept for a
+    finished stage whose weights a later stage carries on) returns at once. ``set_epoch`` lets a distributed
+    sampler reshuffle per epoch. ``loss_fn(batch, generator)`` gets a seeded generator for its own sampling.
     """
     try:
         steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
@@ -201,6 +202,9 @@ def train_stage(
     start, step, history = 0, 0, []
     best_dev, best_epoch, best_state = float("-inf"), -1, None
     state = checkpointer.load() if checkpointer else None
+    if state is not None and state.get("complete"):  # a finished stage whose weights a later stage carries on
+        return StageResult(best_dev=state["best_dev"] if evaluate is not None else float("nan"),
+                           best_epoch=state["best_epoch"], history=state["history"])
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])

@@ -1,0 +1,176 @@
+"""One student-distillation trial of a sweep cell, as a Ray Tune function trainable.
+
+The trial reads everything from storage — the cell's teacher outputs from the Ray Data cache (or the exported
+teacher, when the cell has no cache), the prototype scores, the data from the data root — never through the object
+store. It runs ``distill.distill`` unchanged, with a checkpointer that reports every epoch to Tune together with the
+full training state, so a trial that fails is retried from its last epoch. Reported metrics (the contract
+``metakd_ray.results`` reads):
+
+- every report: ``dev_acc`` (best target-domain dev accuracy so far of the dev-selected stage; 0.0 before it),
+  ``phase`` (stage name), ``epoch``;
+- the last report: ``phase: "final"``, ``test_acc`` (target-domain test accuracy of the dev-best student),
+  ``dev_acc``, ``wall_s``, ``cpu_s``, ``gpu_s``, ``n_train``, ``teacher_key``, ``cache_key``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metakd_ray import config as C
+from metakd_ray import data as D
+from metakd_ray import models as M
+from metakd_ray.distill import LiveTeacher, distill, student_logits
+from metakd_ray.training import accuracy_by_domain
+
+FINAL = "final"
+
+
+def cell_config(trial_config: dict) -> C.Config:
+    """The resolved config of this trial: the sweep's config with the cell's axis values and tuned values."""
+    hp = dict(trial_config.get("hp") or {})
+    overrides = [f"distill.{k}={v}" for k, v in hp.items()]
+    if trial_config.get("gamma2") is not None and "gamma2" not in hp:
+        overrides.append(f"distill.gamma2={trial_config['gamma2']}")
+    return C.with_overrides(C.from_dict(trial_config["cfg"]), overrides)
+
+
+@functools.lru_cache(maxsize=2)
+def _splits(data_yaml: str) -> D.Splits:
+    """Splits per data config, kept for the life of the (reused) trial actor."""
+    return D.load_splits(C.from_dict({"data": __import__("yaml").safe_load(data_yaml)}).data)
+
+
+@functools.lru_cache(maxsize=1)
+def _pretrained(name: str):
+    return M.load_encoder(name)
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class TuneCheckpointer:
+    """The ``Checkpointer`` of one distillation stage inside a Tune trial: the state of every stage so far lives
+    in one Tune checkpoint (``state.pt``), reported together with the epoch's metrics."""
+
+    def __init__(self, shared: dict, stage: str, selecting: bool):
+        self.shared, self.stage, self.selecting = shared, stage, selecting
+
+    def load(self) -> dict | None:
+        return self.shared["states"].get(self.stage)
+
+    def save(self, state: dict, metrics: dict) -> None:
+        from ray import tune
+
+        # Earlier stages are complete and their weights live on in this stage's: keep only their summary.
+        done = {name: {"complete": True, "history": st["history"], "best_dev": st["best_dev"],
+                       "best_epoch": st["best_epoch"]}
+                for name, st in self.shared["states"].items() if name != self.stage}
+        self.shared["states"] = {**done, self.stage: state}
+        if self.selecting and "dev_acc_mean" in metrics:
+            self.shared["best_dev"] = max(self.shared["best_dev"], metrics["dev_acc_mean"])
+        report = {"dev_acc": max(self.shared["best_dev"], 0.0), "phase": self.stage, "epoch": metrics["epoch"],
+                  **{k: v for k, v in metrics.items() if k.startswith("train_")}}
+        with tempfile.TemporaryDirectory() as d:
+            torch.save({"states": self.shared["states"], "best_dev": self.shared["best_dev"]},
+                       os.path.join(d, "state.pt"))
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def _restored_state() -> dict:
+    from ray import tune
+
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return {"states": {}, "best_dev": float("-inf")}
+    with ckpt.as_directory() as d:
+        st = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+    return {"states": st["states"], "best_dev": st["best_dev"]}
+
+
+@dataclass(frozen=True)
+class StudentData:
+    train: Any
+    dev: Any
+    test: Any
+
+
+def student_data(cfg: C.Config, splits: D.Splits, tokenizer: Any, target: str, rate: float, seed: int,
+                 prototype_scores: dict[str, float] | None) -> StudentData:
+    """The target domain's subsampled training set (with prototype scores when given), dev and test sets,
+    tokenised."""
+    from metakd_ray.local import _filter
+
+    only = (target,) if cfg.data.scarcity == "target" else None
+    train = _filter(D.subsample(splits["train"], rate, seed, only_domains=only), (target,), splits.domains)
+    parts = {"train": train, "dev": _filter(splits["dev"], (target,), splits.domains),
+             "test": _filter(splits["test"], (target,), splits.domains)}
+    out = {}
+    for name, ds in parts.items():
+        tok = D.tokenize(ds, tokenizer, cfg.data.max_length)
+        ids = tok["id"]
+        scores = [float(prototype_scores[i]) for i in ids] if (prototype_scores and name == "train") else [0.0] * len(ids)
+        out[name] = tok.add_column("prototype_score", scores)
+    return StudentData(**out)
+
+
+def run_trial(config: dict) -> None:
+    """Ray Tune function trainable: one student trial of one cell (see the module docstring)."""
+    from ray import tune
+    from torch.utils.data import DataLoader
+
+    t0, c0 = time.time(), _cpu_seconds()
+    cfg = cell_config(config)
+    torch.set_num_threads(max(1, int(round(cfg.ray.trial_cpus))))
+    target, rate, seed, method = config["domain"], float(config["rate"]), int(config["seed"]), config["method"]
+    kind, student_method = method.split("/")
+    splits = _splits(__import__("yaml").safe_dump(C.to_dict(cfg.data)))
+    encoder, tokenizer = _pretrained(cfg.model.teacher)
+    teacher_source, prototype_scores = None, None
+    if kind != "none":
+        from metakd_ray.sweep import open_teacher_source
+
+        teacher_source, prototype_scores = open_teacher_source(cfg, config)
+    data = student_data(cfg, splits, tokenizer, target, rate, seed, prototype_scores)
+    collate = D.collator(tokenizer)
+    g = torch.Generator().manual_seed(seed)
+    train_loader = DataLoader(data.train, batch_size=cfg.distill.batch_size, shuffle=True, collate_fn=collate,
+                              generator=g)
+    dev_loader = DataLoader(data.dev, batch_size=64, collate_fn=collate)
+    test_loader = DataLoader(data.test, batch_size=64, collate_fn=collate)
+
+    student_encoder = M.build_student(cfg.model, copy.deepcopy(encoder), tokenizer)
+    meta = student_method == "meta_kd"
+    k = len(splits.domains)
+    student = M.Student(student_encoder, splits.num_labels, teacher_hidden_size=encoder.config.hidden_size,
+                        teacher_domain_hidden_size=encoder.config.hidden_size if meta else None,
+                        num_domains=k if meta else None, pooling=cfg.model.pooling, dropout=cfg.model.dropout)
+    shared = _restored_state()
+    selecting = {"stage2", "finetune", "one"}
+    distill(student, student_method, teacher_source, train_loader, dev_loader, cfg.distill,
+            domain_names=splits.domains, seed=seed,
+            checkpointer=lambda stage: TuneCheckpointer(shared, stage, stage in selecting))
+    test = accuracy_by_domain(student, test_loader, splits.domains, student_logits)
+    wall = time.time() - t0
+    gpus = float(tune.get_context().get_trial_resources().required_resources.get("GPU", 0.0))
+    tune.report({"dev_acc": max(shared["best_dev"], 0.0), "phase": FINAL, "epoch": -1, "test_acc": test[target],
+                 "wall_s": wall, "cpu_s": _cpu_seconds() - c0, "gpu_s": wall * gpus, "n_train": len(data.train),
+                 "teacher_key": config.get("teacher_key", ""), "cache_key": config.get("cache_key", "")})
+
+
+def live_teacher_source(cfg: C.Config, teacher_dir: str | Path, student_layers: int, kept: tuple[int, ...] | None):
+    """A ``LiveTeacher`` on an exported teacher (used when a cell has no cache)."""
+    teacher = M.load_task_model(teacher_dir)
+    gmap = M.layer_map(student_layers, teacher.encoder.config.num_hidden_layers, kept)
+    return LiveTeacher(teacher, gmap, dropout=cfg.distill.teacher_dropout)

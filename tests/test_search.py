@@ -1,0 +1,73 @@
+"""The grid-of-studies searcher: exact grid coverage, one Optuna study per cell, defaults first, restore."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from metakd_ray import config as C
+from metakd_ray.search import TUNABLE, GridOfStudiesSearcher
+from metakd_ray.sweep import plan_cells
+
+DEFAULTS = {"stage1_lr": 5e-5, "stage2_lr": 3e-5, "temperature": 1.0, "gamma2": 0.5}
+
+
+def make(cells, per_cell=3, names=("stage1_lr", "stage2_lr", "temperature", "gamma2"), axis=False):
+    return GridOfStudiesSearcher(cells, names, DEFAULTS, per_cell, "dev_acc", "max", gamma2_is_axis=axis, seed=7)
+
+
+def test_tunable_names_match_config():
+    assert tuple(TUNABLE) == C.TUNABLE_NAMES
+
+
+def test_every_cell_gets_exactly_its_budget_then_finished():
+    cfg = C.from_dict({}, ["sweep.target_domains=[books, dvd]", "sweep.sample_rates=[0.1, 1.0]",
+                           "sweep.methods=[single/tinybert_kd, meta/meta_kd, none/finetune]"])
+    cells = plan_cells(cfg)
+    assert len(cells) == 2 * 2 * 3
+    s = make(cells, per_cell=3)
+    configs = []
+    for i in range(len(cells) * 3):
+        cfg_i = s.suggest(f"t{i}")
+        assert isinstance(cfg_i, dict)
+        configs.append(cfg_i)
+        s.on_trial_complete(f"t{i}", {"dev_acc": 0.5 + 0.01 * i, "training_iteration": 1})
+    assert s.suggest("extra") == GridOfStudiesSearcher.FINISHED
+    assert Counter(c["cell"] for c in configs) == {c["cell"]: 3 for c in cells}
+    for c in configs:  # hyper-parameters only where they mean something
+        student = c["method"].split("/")[1]
+        assert ("stage1_lr" in c["hp"]) == (student != "finetune")
+        assert ("gamma2" in c["hp"]) == (student == "meta_kd")
+    firsts = {}
+    for c in configs:
+        firsts.setdefault(c["cell"], c)
+    for c in firsts.values():  # the first trial of each cell runs the configured recipe
+        assert all(v == pytest.approx(DEFAULTS[k]) for k, v in c["hp"].items())
+    later = [c for c in configs if c is not firsts[c["cell"]]]
+    assert any(c["hp"]["stage2_lr"] != pytest.approx(DEFAULTS["stage2_lr"]) for c in later)
+
+
+def test_gamma2_axis_is_not_tuned_and_collapses_for_other_methods():
+    cfg = C.from_dict({}, ["sweep.target_domains=[books]", "sweep.gamma2=[0.0, 0.5, 1.0]",
+                           "sweep.methods=[single/tinybert_kd, meta/meta_kd]"])
+    cells = plan_cells(cfg)
+    assert sorted(c["gamma2"] for c in cells if c["method"] == "meta/meta_kd") == [0.0, 0.5, 1.0]
+    assert [c["gamma2"] for c in cells if c["method"] == "single/tinybert_kd"] == [None]
+    s = make(cells, per_cell=1, axis=True)
+    got = [s.suggest(f"t{i}") for i in range(len(cells))]
+    assert all("gamma2" not in c["hp"] for c in got)
+
+
+def test_save_and_restore_continue_where_it_stopped(tmp_path):
+    cfg = C.from_dict({}, ["sweep.target_domains=[books, dvd]", "sweep.methods=[meta/meta_kd]"])
+    cells = plan_cells(cfg)
+    s = make(cells, per_cell=2)
+    first = [s.suggest(f"t{i}") for i in range(3)]
+    s.on_trial_complete("t0", {"dev_acc": 0.7, "training_iteration": 1})
+    s.save(str(tmp_path / "s.pkl"))
+    r = make(cells, per_cell=2)
+    r.restore(str(tmp_path / "s.pkl"))
+    rest = [r.suggest(f"t{i}") for i in range(3, 5)]
+    assert rest[-1] == GridOfStudiesSearcher.FINISHED
+    assert Counter(c["cell"] for c in first + rest[:-1]) == {c["cell"]: 2 for c in cells}
