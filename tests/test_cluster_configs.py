@@ -1,0 +1,98 @@
+"""Cluster configs, validated offline the way Ray itself reads them (no cloud calls, no credentials).
+
+Launcher YAMLs: Ray's JSON schema on the raw file (catches typos), then ``validate_config(prepare_config(raw))``
+(merges the provider defaults, as ``ray up`` does). KubeRay: the in-cluster autoscaler's own
+``_derive_autoscaling_config_from_ray_cr`` on the RayCluster CR, then ``validate_config``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHER = ["aws", "gcp"]
+
+
+def schema() -> dict:
+    import ray.autoscaler
+
+    return json.loads((Path(os.path.dirname(ray.autoscaler.__file__)) / "ray-schema.json").read_text())
+
+
+def prepared(raw: dict) -> dict:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    jsonschema.validate(raw, schema())
+    cfg = prepare_config(copy.deepcopy(raw))
+    validate_config(cfg)
+    return cfg
+
+
+def load(name: str) -> tuple[dict, str]:
+    text = (REPO / "cluster" / f"{name}.yaml").read_text()
+    return yaml.safe_load(text), text
+
+
+@pytest.mark.parametrize("name", LAUNCHER)
+def test_launcher_config_validates_and_follows_the_sweep_layout(name):
+    raw, text = load(name)
+    cfg = prepared(raw)
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}
+    workers = {k: v for k, v in types.items() if k != cfg["head_node_type"]}
+    assert workers and all(v["min_workers"] == 0 and 0 < v["max_workers"] <= cfg["max_workers"]
+                           for v in workers.values())
+    assert any(v["resources"].get("GPU") for v in workers.values())  # the optional GPU type
+    cheap = [v for v in workers.values() if "MarketType" in json.dumps(v["node_config"])
+             or "preemptible" in json.dumps(v["node_config"])]
+    assert len(cheap) == len(workers)  # every worker type is spot / preemptible
+    assert cfg["idle_timeout_minutes"] == 5
+    if name == "aws":
+        assert cfg["provider"]["cache_stopped_nodes"] is False
+    setup = " && ".join(cfg["worker_setup_commands"])
+    assert setup.index("torch==2.13.0") < setup.index("metakd_ray")  # torch first, then the project
+    for needle in (f"ray up cluster/{name}.yaml", "ray job submit", f"ray down cluster/{name}.yaml", "s3://"
+                   if name == "aws" else "gs://"):
+        assert needle in text
+
+
+@pytest.mark.parametrize("name", LAUNCHER)
+def test_launcher_typos_are_rejected(name):
+    raw, _ = load(name)
+    bad = {**raw, "max_wokers": 3}
+    with pytest.raises(jsonschema.ValidationError, match="max_wokers"):
+        prepared(bad)
+    bad = copy.deepcopy(raw)
+    head = bad["head_node_type"]
+    bad["available_node_types"][head]["resorces"] = bad["available_node_types"][head].pop("resources")
+    with pytest.raises(jsonschema.ValidationError, match="resorces"):
+        prepared(bad)
+
+
+def test_kuberay_cluster_derives_a_valid_autoscaling_config():
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+    from ray.autoscaler._private.util import validate_config
+
+    cr, text = load("kuberay")
+    assert cr["kind"] == "RayCluster" and cr["spec"]["enableInTreeAutoscaling"] is True
+    cfg = _derive_autoscaling_config_from_ray_cr(cr)
+    validate_config(cfg)
+    types = cfg["available_node_types"]
+    assert types["headgroup"]["resources"]["CPU"] == 0
+    assert (types["cpu"]["min_workers"], types["cpu"]["max_workers"]) == (0, 8)
+    assert (types["gpu"]["min_workers"], types["gpu"]["resources"]["GPU"]) == (0, 1)
+    assert cfg["idle_timeout_minutes"] == 5
+    assert "kubectl apply -f cluster/kuberay.yaml" in text and "ray job submit" in text
+
+    bad = copy.deepcopy(cr)
+    bad["spec"]["workerGroupSpecs"][0]["maxReplica"] = bad["spec"]["workerGroupSpecs"][0].pop("maxReplicas")
+    with pytest.raises(KeyError, match="maxReplicas"):
+        _derive_autoscaling_config_from_ray_cr(bad)
