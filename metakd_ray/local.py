@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import datasets
-import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from metakd_ray import config as C
 from metakd_ray import data as D
 from metakd_ray import models as M
+from metakd_ray.cells import filter_domains as _filter
+from metakd_ray.cells import loader, teacher_domains, tokenize_splits, training_pool, with_prototype_scores
 from metakd_ray.distill import LiveTeacher, distill, student_logits
-from metakd_ray.teacher import build_teacher, compute_prototype_scores, pooled_features, teacher_logits, train_teacher
+from metakd_ray.teacher import build_teacher, pool_prototype_scores, teacher_logits, train_teacher
 from metakd_ray.training import LocalCheckpointer, accuracy_by_domain, atomic_export
 
 
@@ -54,42 +54,17 @@ def split_method(method: str) -> tuple[str, str]:
     return kind, student
 
 
-def teacher_domains(kind: str, target: str, domains: tuple[str, ...], exclude_target: bool) -> tuple[str, ...]:
-    """Domains a teacher of ``kind`` trains on: the target alone (single), else all (minus the target for the
-    no-in-domain-data variant)."""
-    if kind == "single":
-        return (target,)
-    return tuple(d for d in domains if not (exclude_target and d == target))
-
-
-def _filter(ds: datasets.Dataset, keep: tuple[str, ...], domains: tuple[str, ...]) -> datasets.Dataset:
-    """The rows of ``ds`` whose domain is in ``keep``."""
-    wanted = {domains.index(d) for d in keep}
-    return ds.filter(lambda ids: [i in wanted for i in ids], input_columns="domain_id", batched=True)
-
-
-def loader(ds: datasets.Dataset, collate: Callable, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
-
-
 def prepare_cell(cfg: C.Config, splits: D.Splits, tokenizer: Any, encoder: nn.Module, target: str, kind: str,
                  rate: float, seed: int) -> CellData:
     """Subsample (``data.scarcity``), tokenise, and attach prototype scores computed by the frozen pre-trained
-    ``encoder`` over the union of every domain's (subsampled) training data."""
+    ``encoder`` over the training pool (the union of every domain's subsampled training data)."""
     domains = splits.domains
-    only = (target,) if cfg.data.scarcity == "target" else None
-    train = D.subsample(splits["train"], rate, seed, only_domains=only)
-    tok = {name: D.tokenize(ds, tokenizer, cfg.data.max_length)
-           for name, ds in (("train", train), ("dev", splits["dev"]), ("test", splits["test"]))}
-    collate = D.collator(tokenizer)
-    feats = pooled_features(encoder, loader(tok["train"], collate, 64, shuffle=False), cfg.model.pooling)
-    labels = torch.tensor(tok["train"]["label"])
-    dom = torch.tensor(tok["train"]["domain_id"])
-    scores = compute_prototype_scores(feats, labels, dom, len(domains), splits.num_labels, cfg.teacher)
-    tok["train"] = tok["train"].add_column("prototype_score", scores.tolist())
+    tok = tokenize_splits(cfg, tokenizer, train=training_pool(cfg, splits, target, rate, seed), dev=splits["dev"],
+                          test=splits["test"])
+    scores = pool_prototype_scores(encoder, tok["train"], D.collator(tokenizer), cfg, len(domains), splits.num_labels)
+    tok["train"] = with_prototype_scores(tok["train"], scores.tolist())
     for name in ("dev", "test"):  # not used for training; zeros keep batches uniform
-        tok[name] = tok[name].add_column("prototype_score", [0.0] * len(tok[name]))
+        tok[name] = with_prototype_scores(tok[name], None)
     tdoms = teacher_domains(kind, target, domains, cfg.teacher.exclude_target) if kind != "none" else (target,)
     return CellData(
         teacher_train=_filter(tok["train"], tdoms, domains), teacher_dev=_filter(tok["dev"], tdoms, domains),

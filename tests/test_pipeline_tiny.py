@@ -2,59 +2,15 @@
 
 from __future__ import annotations
 
-import random
 from collections import defaultdict
 
-import datasets
 import pytest
 import torch
+from toy import DOMAINS, tiny_config, toy_splits, toy_tokenizer
 
 from metakd_ray import config as C
-from metakd_ray import data as D
 from metakd_ray import models as M
 from metakd_ray.local import run_cell
-
-DOMAINS = ("alpha", "beta", "gamma")
-SHARED = ["good", "bad", "fine", "awful"]
-WORDS = {d: [f"{d}{i}" for i in range(8)] for d in DOMAINS}
-
-
-def toy_tokenizer(tmp_path):
-    from transformers import BertTokenizerFast
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *SHARED, *[w for ws in WORDS.values() for w in ws]]
-    path = tmp_path / "vocab.txt"
-    path.write_text("\n".join(vocab) + "\n")
-    return BertTokenizerFast(vocab_file=str(path), do_lower_case=True)
-
-
-def toy_splits(n_per_domain: int = 48) -> D.Splits:
-    """Label 1 iff a positive word (good/fine) occurs; domain words are noise that differs per domain."""
-    rng = random.Random(0)
-    parts = defaultdict(list)
-    for di, dom in enumerate(DOMAINS):
-        for i in range(n_per_domain):
-            label = i % 2
-            cue = rng.choice(["good", "fine"] if label else ["bad", "awful"])
-            words = [rng.choice(WORDS[dom]) for _ in range(rng.randint(2, 6))]
-            words.insert(rng.randint(0, len(words)), cue)
-            split = "test" if i % 6 == 0 else "dev" if i % 6 == 1 else "train"
-            parts[split].append({"id": f"{dom}/{i:03d}", "text": " ".join(words), "text_pair": "", "label": label,
-                                 "domain": dom, "domain_id": di})
-    dd = datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in parts.items()})
-    return D.Splits(data=dd, label_names=("negative", "positive"), domains=DOMAINS)
-
-
-def tiny_config(tmp_path, **extra) -> C.Config:
-    overrides = [
-        "data.dataset=table", "data.table.train=x", "data.table.test=y", f"data.domains=[{', '.join(DOMAINS)}]",
-        "data.max_length=16", "model.student.num_layers=1", "model.dropout=0.0",
-        "teacher.epochs=4", "teacher.lr=0.003", "teacher.batch_size=8", "teacher.warmup=0.0",
-        "distill.stage1_epochs=3", "distill.stage1_lr=0.003", "distill.stage2_epochs=3", "distill.stage2_lr=0.003",
-        "distill.batch_size=8", "distill.warmup=0.0", f"storage.root={tmp_path}",
-        *[f"{k}={v}" for k, v in extra.items()],
-    ]
-    return C.from_dict({}, overrides)
 
 
 @pytest.mark.timeout(300)
@@ -62,7 +18,7 @@ def tiny_config(tmp_path, **extra) -> C.Config:
 def test_every_method_trains_end_to_end(tmp_path, method):
     torch.manual_seed(0)
     cfg = tiny_config(tmp_path)
-    tokenizer = toy_tokenizer(tmp_path)
+    tokenizer = toy_tokenizer()
     encoder = M.random_encoder(vocab_size=len(tokenizer), max_position=32, dropout=0.0, seed=0)
     history = []
     res = run_cell(cfg, "beta", method, 1.0, 0, tmp_path / "cell", splits=toy_splits(), encoder=encoder,
@@ -98,7 +54,7 @@ def test_every_method_trains_end_to_end(tmp_path, method):
 @pytest.mark.timeout(300)
 def test_rerun_resumes_from_checkpoints_without_retraining(tmp_path):
     cfg = tiny_config(tmp_path)
-    tokenizer = toy_tokenizer(tmp_path)
+    tokenizer = toy_tokenizer()
     kw = dict(splits=toy_splits(), tokenizer=tokenizer)
     first: list[dict] = []
     r1 = run_cell(cfg, "beta", "meta/meta_kd", 1.0, 0, tmp_path / "cell",

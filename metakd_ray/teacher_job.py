@@ -1,0 +1,330 @@
+"""The job that makes one teacher artefact: prototype scores on the driver, a Ray Train ``TorchTrainer`` whose
+workers run ``teacher.train_teacher`` unchanged, then export of the dev-best weights and the manifest.
+
+Public entry points are in ``teacher.py`` (``ensure_teacher``, ``load_teacher``); this module holds the machinery.
+
+Data path: every worker loads the splits itself (``inputs(cfg)``: the data root comes from ``data.root`` or
+``$METAKD_DATA``, so every node reads the same files), tokenises, attaches the stored prototype scores by id and
+wraps a map-style ``DataLoader`` with ``ray.train.torch.prepare_data_loader``. We use this rather than Ray Data
+shards because a teacher's training set is small (a few thousand tokenised rows) and map-style, because a
+``DistributedSampler`` gives exact epochs (every row once per epoch, reshuffled by ``set_epoch``) and because the
+loop stays the single-process one. The sampler is our own ``DistributedSampler(seed=spec.seed)``
+(``prepare_data_loader`` keeps it; its own would always use seed 0, so every teacher seed would see the same
+order), built at every world size, with a per-worker batch of ``teacher.batch_size / workers``: the global batches
+are then the same rows for 1 or N workers, and DDP's gradient average over N equal shards equals the full batch's
+mean-loss gradient (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from metakd_ray import cells
+from metakd_ray import config as C
+from metakd_ray import data as D
+from metakd_ray import models as M
+from metakd_ray.storage import Storage
+from metakd_ray.teacher import (EVAL_BATCH_SIZE, MANIFEST, PROTOTYPE_FILE, TeacherArtefact, TeacherSpec, build_teacher,
+                                check_worker_split, pool_prototype_scores, read_prototype_scores, teacher_identity,
+                                teacher_logits, train_teacher, write_prototype_scores)
+from metakd_ray.training import accuracy_by_domain, set_seed
+
+RUN_NAME = "train"  # the Ray Train run: teachers/<key>/train/ (same name and path = resume)
+STATE_FILE = "state.pt"
+CHECKPOINT_PREFIX = "checkpoint_epoch="
+DDP_PREFIX = "module."
+
+
+@dataclass
+class TeacherInputs:
+    """What a teacher is made from: the splits, a freshly loaded pre-trained encoder (training changes it in place)
+    and its tokenizer."""
+
+    splits: D.Splits
+    encoder: nn.Module
+    tokenizer: Any
+
+
+def load_inputs(cfg: C.Config) -> TeacherInputs:
+    """The production inputs: splits from the data root, encoder and tokenizer from ``model.teacher``."""
+    splits = D.load_splits(cfg.data)
+    encoder, tokenizer = M.load_encoder(cfg.model.teacher, dropout=cfg.model.dropout)
+    M.check_max_length(encoder, cfg.data.max_length)
+    return TeacherInputs(splits, encoder, tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{epoch:04d}"
+
+
+def latest_stored_state(storage: Storage, key: str) -> dict | None:
+    """The full training state in the newest ``teachers/<key>/train/checkpoint_epoch=NNNN/state.pt``, or None."""
+    names = [n for n in storage.listdir("teachers", key, RUN_NAME)
+             if n.startswith(CHECKPOINT_PREFIX) and storage.is_file("teachers", key, RUN_NAME, n, STATE_FILE)]
+    if not names:
+        return None
+    raw = storage.read_bytes("teachers", key, RUN_NAME, max(names), STATE_FILE)
+    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+
+
+def _rekey(state: dict, fn: Callable[[str], str]) -> dict:
+    """``state`` with the keys of its model and best-weights state dicts mapped by ``fn``."""
+    out = dict(state)
+    for field in ("model", "best_state"):
+        if out.get(field) is not None:
+            out[field] = {fn(k): v for k, v in out[field].items()}
+    return out
+
+
+class RayCheckpointer:
+    """The ``Checkpointer`` of a Ray Train worker.
+
+    ``save``: rank 0 writes the full state to ``state.pt`` in a temporary directory and every rank calls
+    ``ray.train.report(metrics, checkpoint=...)`` (a barrier; V2 keeps metrics only when they come with a
+    checkpoint), which Ray persists as ``teachers/<key>/train/checkpoint_epoch=NNNN``. Weights are stored with the
+    unwrapped module's keys (no DDP ``module.`` prefix), so a run resumes, and exports, at any worker count.
+    In local mode (``train_workers=0``) Ray persists nothing, so rank 0 writes the same directory to storage itself
+    and reports that persistent directory.
+
+    ``load``: ``ray.train.get_checkpoint()`` (a resumed or retried run), else the newest stored checkpoint (local
+    mode, where Ray keeps nothing between runs; or a Ray run continuing a local-mode one).
+    """
+
+    def __init__(self, storage: Storage, key: str, *, ddp: bool, local_mode: bool):
+        self.storage, self.key, self.ddp, self.local_mode = storage, key, ddp, local_mode
+        self.start_epoch = 0  # the first epoch this run trains
+
+    def load(self) -> dict | None:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+        else:
+            state = latest_stored_state(self.storage, self.key)
+        if state is None:
+            return None
+        self.start_epoch = state["epoch"] + 1
+        return _rekey(state, lambda k: DDP_PREFIX + k) if self.ddp else state
+
+    def save(self, state: dict, metrics: dict) -> None:
+        if self.ddp:
+            state = _rekey(state, lambda k: k.removeprefix(DDP_PREFIX))
+        name = checkpoint_name(state["epoch"])
+        with tempfile.TemporaryDirectory(prefix="metakd-ckpt-") as tmp:
+            if self.local_mode:
+                torch.save(state, os.path.join(tmp, STATE_FILE))
+                self.storage.upload_dir(tmp, "teachers", self.key, RUN_NAME, name)
+                for old in self.storage.listdir("teachers", self.key, RUN_NAME):
+                    if old.startswith(CHECKPOINT_PREFIX) and old < name:
+                        self.storage.delete("teachers", self.key, RUN_NAME, old)
+                kept = Checkpoint(self.storage.path("teachers", self.key, RUN_NAME, name), filesystem=self.storage.fs)
+                ray.train.report(metrics, checkpoint=kept)
+                return
+            checkpoint = None
+            if ray.train.get_context().get_world_rank() == 0:
+                torch.save(state, os.path.join(tmp, STATE_FILE))
+                checkpoint = Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The worker
+# ----------------------------------------------------------------------------------------------------------
+
+
+def teacher_sets(cfg: C.Config, spec: TeacherSpec, splits: D.Splits, tokenizer: Any,
+                 scores: dict[str, float]) -> tuple[Any, Any]:
+    """The teacher's tokenised (train, dev) sets: its domains' rows of the training pool (with prototype scores)
+    and of the dev split."""
+    pool = cells.training_pool(cfg, splits, spec.target, spec.rate, spec.seed)
+    tok = cells.tokenize_splits(cfg, tokenizer, train=pool, dev=splits["dev"])
+    train = cells.with_prototype_scores(tok["train"], scores)
+    dev = cells.with_prototype_scores(tok["dev"], None)
+    return (cells.filter_domains(train, spec.domains, splits.domains),
+            cells.filter_domains(dev, spec.domains, splits.domains))
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """One Ray Train worker: build data and model, then ``train_teacher`` with a ``RayCheckpointer``.
+
+    All ranks share ``spec.seed``: the model's heads start identical (DDP also broadcasts rank 0's weights), and the
+    RNG draws (dropout, false domains) repeat across ranks on different rows; this keeps resume exact at any worker
+    count, since the checkpoint holds rank 0's RNG state and every rank restores it. Every rank evaluates the
+    whole dev set (small) so all ranks agree on the best epoch without a collective. ``train_*`` metrics are rank
+    0's mean over its shard.
+    """
+    cfg, spec, storage = config["cfg"], config["spec"], config["storage"]
+    hook: Callable[[dict], None] | None = config.get("epoch_hook")
+    ctx = ray.train.get_context()
+    world, rank = ctx.get_world_size(), ctx.get_world_rank()
+    inputs: TeacherInputs = config["inputs"](cfg)
+    splits = inputs.splits
+    train, dev = teacher_sets(cfg, spec, splits, inputs.tokenizer, read_prototype_scores(storage, spec.key))
+    collate = D.collator(inputs.tokenizer)
+    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=spec.seed)
+    train_loader = ray.train.torch.prepare_data_loader(
+        DataLoader(train, batch_size=cfg.teacher.batch_size // world, sampler=sampler, collate_fn=collate))
+    dev_loader = ray.train.torch.prepare_data_loader(cells.loader(dev, collate, EVAL_BATCH_SIZE, shuffle=False),
+                                                     add_dist_sampler=False)
+    set_seed(spec.seed)
+    model = build_teacher(spec.kind, inputs.encoder, splits.num_labels, len(splits.domains), cfg.model)
+    # The encoder's buffers (position and token-type ids) are constants: synced once at DDP init, not every forward.
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
+    checkpointer = RayCheckpointer(storage, spec.key, ddp=world > 1, local_mode=config["local_mode"])
+
+    def log(metrics: dict) -> None:
+        if rank == 0:
+            print(json.dumps({"teacher": spec.key, **{k: (round(v, 4) if isinstance(v, float) else v)
+                                                      for k, v in metrics.items()}}), flush=True)
+        if hook is not None:
+            hook(metrics)
+
+    result = train_teacher(model, spec.kind, train_loader, dev_loader, cfg.teacher, num_domains=len(splits.domains),
+                           domain_names=splits.domains, seed=spec.seed, checkpointer=checkpointer, log=log,
+                           set_epoch=sampler.set_epoch)
+    return {"start_epoch": checkpointer.start_epoch, "best_dev": result.best_dev, "best_epoch": result.best_epoch,
+            "world_size": world, "n_train": len(train), "n_dev": len(dev)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The driver: fit, export, manifest
+# ----------------------------------------------------------------------------------------------------------
+
+
+def fit(cfg: C.Config, spec: TeacherSpec, storage: Storage, inputs: Callable[[C.Config], TeacherInputs], *,
+        epoch_hook: Callable[[dict], None] | None = None, max_failures: int = 1) -> tuple[dict, dict]:
+    """Run (or resume) the Ray Train run of ``spec``; return (the final checkpoint's full state, rank 0's return
+    value). Resuming is running again with the same run name and storage path."""
+    # Train's print patch tees output that libraries capture (datasets' function hashing runs dis.dis into a
+    # captured stdout) into the worker logs; plain prints are forwarded to the driver anyway.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    r = cfg.ray
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "spec": spec, "storage": storage, "inputs": inputs, "epoch_hook": epoch_hook,
+                           "local_mode": r.train_workers == 0},
+        torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=r.train_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=RUN_NAME, storage_path=storage.path("teachers", spec.key),
+                             storage_filesystem=storage.fs, checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    result = trainer.fit()
+    state = None
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+    else:  # local mode after a run that had nothing left to train: no report, no Result.checkpoint
+        state = latest_stored_state(storage, spec.key)
+    if state is None:
+        raise RuntimeError(f"teacher {spec.key}: training finished without a checkpoint")
+    return state, result.return_value or {}
+
+
+def fingerprint(model_dir: Path) -> str:
+    """sha256 over ``heads.pt`` and the encoder's weight files (names and bytes, in name order)."""
+    files = [model_dir / "heads.pt"] + sorted(p for p in (model_dir / "encoder").iterdir()
+                                              if p.suffix in (".safetensors", ".bin"))
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(model_dir)).encode() + b"\0")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def make_teacher(cfg: C.Config, spec: TeacherSpec, storage: Storage, *, inputs: Callable[[C.Config], TeacherInputs],
+                 log: Callable[[dict], None] | None, epoch_hook: Callable[[dict], None] | None, max_failures: int,
+                 keep_checkpoints: bool) -> TeacherArtefact:
+    """``teacher.ensure_teacher`` without the manifest check (see there)."""
+    say = log or (lambda event: None)
+    check_worker_split(cfg)
+    if cfg.ray.train_workers > 0 and not ray.is_initialized():
+        from metakd_ray.raycluster import connect_ray
+
+        connect_ray(cfg)  # else fit() would call a bare ray.init(), ignoring ray.address and ray.num_cpus
+    t0 = time.time()
+    driver = inputs(cfg)
+    splits, domains = driver.splits, driver.splits.domains
+    collate = D.collator(driver.tokenizer)
+
+    # 1. Prototype scores, on the driver (see ensure_teacher).
+    if not storage.is_file("teachers", spec.key, PROTOTYPE_FILE):
+        pool = cells.tokenize_splits(cfg, driver.tokenizer,
+                                     pool=cells.training_pool(cfg, splits, spec.target, spec.rate, spec.seed))["pool"]
+        scores = pool_prototype_scores(driver.encoder, pool, collate, cfg, len(domains), splits.num_labels)
+        write_prototype_scores(storage, spec.key, D.column(pool, "id"), scores)
+        say({"teacher": spec.key, "event": "prototype_scores", "rows": len(pool)})
+    t1 = time.time()
+
+    # 2. Ray Train.
+    say({"teacher": spec.key, "event": "train", "workers": cfg.ray.train_workers})
+    state, ret = fit(cfg, spec, storage, inputs, epoch_hook=epoch_hook, max_failures=max_failures)
+    t2 = time.time()
+
+    # 3. Export the dev-best weights, with the teacher's test accuracy on its domains.
+    model = build_teacher(spec.kind, driver.encoder, splits.num_labels, len(domains), cfg.model)
+    model.load_state_dict(state["best_state"])
+    model.eval()
+    test = cells.filter_domains(cells.tokenize_splits(cfg, driver.tokenizer, test=splits["test"])["test"],
+                                spec.domains, domains)
+    test_acc = accuracy_by_domain(model, cells.loader(test, collate, EVAL_BATCH_SIZE, False), domains,
+                                  teacher_logits)
+    with tempfile.TemporaryDirectory(prefix="metakd-teacher-") as tmp:
+        model.save_pretrained(tmp, driver.tokenizer)
+        digest = fingerprint(Path(tmp))
+        storage.upload_dir(tmp, "teachers", spec.key, "model")
+    storage.write_bytes(C.to_yaml(cfg).encode(), "teachers", spec.key, "config.yaml")
+    t3 = time.time()
+
+    history = state["history"]
+    workers = cfg.ray.train_workers
+    reserved = workers * cfg.ray.cpus_per_worker if workers else 1.0
+    manifest = {
+        "key": spec.key, "spec": asdict(spec), "identity": teacher_identity(cfg, spec.kind, spec.domains, spec.target,
+                                                                            spec.rate, spec.seed),
+        "domains": list(domains), "label_names": list(splits.label_names), "model": "model",
+        "prototype_scores": PROTOTYPE_FILE, "n_pool": len(read_prototype_scores(storage, spec.key)),
+        "n_train": ret.get("n_train"), "n_dev": ret.get("n_dev"),
+        "dev_accuracy": [h.get("dev_acc_mean") for h in history], "history": history,
+        "best_dev": state["best_dev"], "best_epoch": state["best_epoch"], "test_accuracy": test_acc,
+        "fingerprint": digest, "resumed_at_epoch": ret.get("start_epoch", 0),
+        "ray": {"train_workers": workers, "cpus_per_worker": cfg.ray.cpus_per_worker, "use_gpu": cfg.ray.use_gpu},
+        # Wall seconds of this call's steps (a resumed run counts only what it ran). CPU-seconds = wall x CPUs
+        # reserved: train_workers x cpus_per_worker for the Ray run (1 in local mode); 1 for the driver's
+        # prototype and export steps. A reservation, not measured utilisation.
+        "seconds": {"prototypes": t1 - t0, "train": t2 - t1, "export": t3 - t2, "total": t3 - t0},
+        "cpu_seconds": (t2 - t1) * reserved + (t1 - t0) + (t3 - t2),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"torch": torch.__version__, "ray": ray.__version__},
+    }
+    storage.write_json(manifest, "teachers", spec.key, MANIFEST)  # last: the artefact is complete from here on
+    if not keep_checkpoints:
+        storage.delete("teachers", spec.key, RUN_NAME)
+    say({"teacher": spec.key, "event": "exported", "best_dev": state["best_dev"], "test_mean": test_acc["mean"]})
+    return TeacherArtefact(spec.key, storage.uri("teachers", spec.key),
+                           storage.read_json("teachers", spec.key, MANIFEST))  # as every later reader sees it

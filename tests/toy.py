@@ -1,0 +1,89 @@
+"""Toy data and a tiny random encoder for fast end-to-end tests: three domains, a shared sentiment cue.
+
+``ToyInputs`` is a picklable ``inputs`` factory (``teacher.ensure_teacher``): Ray Train workers rebuild exactly the
+same splits, tokenizer and encoder from it. Workers cannot import this file (``tests/`` is not a package), so Ray
+test modules register it for pickling by value (``ray.cloudpickle.register_pickle_by_value``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+import datasets
+
+from metakd_ray import config as C
+from metakd_ray import data as D
+from metakd_ray import models as M
+
+DOMAINS = ("alpha", "beta", "gamma")
+SHARED = ["good", "bad", "fine", "awful"]
+WORDS = {d: [f"{d}{i}" for i in range(8)] for d in DOMAINS}
+
+
+def toy_tokenizer(directory=None):
+    """A WordPiece tokenizer over the toy vocabulary. (transformers 5: the vocabulary goes in as a dict; a
+    ``vocab_file=`` keyword is ignored and gives a tokenizer that maps every word to [UNK].) ``directory`` is
+    unused: older callers pass a temporary directory for a vocab file."""
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *SHARED, *[w for ws in WORDS.values() for w in ws]]
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+
+
+def toy_splits(n_per_domain: int = 48) -> D.Splits:
+    """Label 1 iff a positive word (good/fine) occurs; domain words are noise that differs per domain. Per domain:
+    1/6 test, 1/6 dev, 2/3 train, each split balanced."""
+    rng = random.Random(0)
+    parts = defaultdict(list)
+    for di, dom in enumerate(DOMAINS):
+        for i in range(n_per_domain):
+            label = i % 2
+            cue = rng.choice(["good", "fine"] if label else ["bad", "awful"])
+            words = [rng.choice(WORDS[dom]) for _ in range(rng.randint(2, 6))]
+            words.insert(rng.randint(0, len(words)), cue)
+            pair = i // 2  # both labels of a pair go to the same split: every split has both classes
+            split = "test" if pair % 6 == 0 else "dev" if pair % 6 == 1 else "train"
+            parts[split].append({"id": f"{dom}/{i:03d}", "text": " ".join(words), "text_pair": "", "label": label,
+                                 "domain": dom, "domain_id": di})
+    dd = datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in parts.items()})
+    return D.Splits(data=dd, label_names=("negative", "positive"), domains=DOMAINS)
+
+
+def tiny_config(tmp_path, *more: str, **extra) -> C.Config:
+    overrides = [
+        "data.dataset=table", "data.table.train=x", "data.table.test=y", f"data.domains=[{', '.join(DOMAINS)}]",
+        "data.max_length=16", "model.student.num_layers=1", "model.dropout=0.0",
+        "teacher.epochs=4", "teacher.lr=0.003", "teacher.batch_size=8", "teacher.warmup=0.0",
+        "distill.stage1_epochs=3", "distill.stage1_lr=0.003", "distill.stage2_epochs=3", "distill.stage2_lr=0.003",
+        "distill.batch_size=8", "distill.warmup=0.0", f"storage.root={tmp_path}",
+        *[f"{k}={v}" for k, v in extra.items()], *more,
+    ]
+    return C.from_dict({}, overrides)
+
+
+@dataclass(frozen=True)
+class ToyInputs:
+    """The toy splits, the toy tokenizer and a tiny random BERT (seeded: identical in every process)."""
+
+    n_per_domain: int = 48
+
+    def __call__(self, cfg: C.Config):
+        from metakd_ray.teacher_job import TeacherInputs
+
+        tokenizer = toy_tokenizer()
+        encoder = M.random_encoder(vocab_size=len(tokenizer), max_position=32, dropout=cfg.model.dropout, seed=0)
+        return TeacherInputs(toy_splits(self.n_per_domain), encoder, tokenizer)
+
+
+@dataclass(frozen=True)
+class FailAtEpoch:
+    """An ``epoch_hook`` that raises when ``epoch``'s metrics arrive, before that epoch's checkpoint is saved: a run
+    killed during epoch ``epoch``, whose latest checkpoint is epoch ``epoch - 1``."""
+
+    epoch: int
+
+    def __call__(self, metrics: dict) -> None:
+        if metrics["epoch"] == self.epoch:
+            raise RuntimeError(f"injected failure in epoch {self.epoch}")
