@@ -229,6 +229,9 @@ class StorageConfig:
     """One root for every artefact: a local path or a pyarrow.fs URI (s3://, gs://)."""
 
     root: str = "runs"
+    # Disk budget for teacher-output caches: beyond it, the least recently used other caches are evicted (an
+    # evicted cache is rebuilt on demand, or its trials run the teacher live). 0 = no limit.
+    cache_max_gb: float = _f(12.0, 0.0, 1e6)
 
 
 @dataclass(frozen=True)

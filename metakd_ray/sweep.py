@@ -98,7 +98,7 @@ def print_plan(p: dict) -> None:
         print(f"  cell {c['cell']}")
     if p["estimate"]:
         e = p["estimate"]
-        print(f"estimated cost: {e['total_cpu_s'] / 3600:.1f} CPU-hours at 2-CPU speed (teachers "
+        print(f"estimated cost: {e['total_cpu_s'] / 3600:.2f} CPU-hours at 2-CPU speed (teachers "
               f"{e['teacher_cpu_s'] / 3600:.1f}, caches {e['cache_cpu_s'] / 3600:.1f}, trials "
               f"{e['trial_cpu_s'] / 3600:.1f})")
 
@@ -132,9 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print_plan(p)
         return 0
-    from metakd_ray.sweep_run import run
+    from metakd_ray.sweep_run import SweepConflict, run
 
-    return run(cfg)
+    try:
+        return run(cfg)
+    except SweepConflict as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def run_trials(cfg: C.Config, cells: list[dict], storage: Storage) -> Any:
                                          gamma2_is_axis=bool(cfg.sweep.gamma2), seed=cfg.seed)
         tuner = tune.Tuner(
             trainable,
-            param_space={"cfg": C.to_dict(cfg)},
+            param_space={"storage_root": storage.uri(), "sweep": cfg.name},
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, num_samples=total,
                                         max_concurrent_trials=cfg.ray.max_concurrent_trials or None,
                                         reuse_actors=True, trial_dirname_creator=lambda t: t.trial_id),
@@ -71,28 +71,119 @@ def run_trials(cfg: C.Config, cells: list[dict], storage: Storage) -> Any:
     return tuner.fit()
 
 
+class SweepConflict(ValueError):
+    """A sweep of this name exists under the storage root with a different configuration."""
+
+
+def check_same_sweep(cfg: C.Config, storage: Storage) -> None:
+    """Re-running a sweep resumes it; a *changed* config under the same name would mix results, so refuse. Only
+    ``ray`` settings (where and how it runs) may change between runs."""
+    if not storage.is_file("sweeps", cfg.name, "config.yaml"):
+        return
+    import yaml
+
+    old = yaml.safe_load(storage.read_bytes("sweeps", cfg.name, "config.yaml"))
+    new = C.to_dict(cfg)
+    old.pop("ray", None)
+    new.pop("ray", None)
+    if old != new:
+        diff = sorted(_diff(old, new))
+        raise SweepConflict(f"sweep {cfg.name!r} already exists at {storage.uri('sweeps', cfg.name)} with a different "
+                            f"config ({', '.join(diff[:5])}{', ...' if len(diff) > 5 else ''} changed); give it "
+                            "another name (name=...) or remove that directory")
+
+
+def _diff(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in set(a) | set(b) for d in _diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)]
+    return [] if a == b else [path]
+
+
 def run(cfg: C.Config) -> int:
     """The whole sweep; returns the exit status."""
+    import datasets
+
     from metakd_ray.raycluster import connect_ray
 
+    datasets.disable_progress_bars()
     storage = Storage(cfg.storage.root)
     p = plan(cfg)
-    storage.write_json(p, "sweeps", cfg.name, "plan.json")
+    check_same_sweep(cfg, storage)
     storage.write_bytes(C.to_yaml(cfg).encode(), "sweeps", cfg.name, "config.yaml")
     connect_ray(cfg)
-    costs = build_artefacts(cfg, p, storage)
+    costs = build_artefacts(cfg, p, storage)  # fills the cells' teacher and cache keys
+    storage.write_json(p, "sweeps", cfg.name, "plan.json")
     storage.write_json(costs, "sweeps", cfg.name, "costs.json")
     run_trials(cfg, p["cells"], storage)
     from metakd_ray.results import report
+
+    from metakd_ray.results import cells, load_results
 
     paths = report(storage.uri("sweeps", cfg.name))
     print("[sweep] report:")
     for name, path in paths.items():
         print(f"  {name}: {path}")
-    return 0
+    summary = cells(load_results(storage.uri("sweeps", cfg.name)))
+    failed = summary[summary["status"] == "failed"]
+    for _, row in failed.iterrows():
+        print(f"[sweep] cell {row['cell']} failed: {row['error']}", flush=True)
+    print(f"[sweep] {int((summary['status'] == 'ok').sum())}/{len(summary)} cells ok, {len(failed)} failed")
+    return 1 if len(failed) else 0
 
 
 def build_artefacts(cfg: C.Config, p: dict, storage: Storage) -> dict:
-    """Teachers then caches for every cell that needs them; fills each cell's ``teacher_key``/``cache_key`` and
-    returns the costs (``costs.json``): per teacher and per cache, its wall/CPU/GPU seconds and the cells using it."""
-    raise NotImplementedError  # wired to the teacher and cache stages below
+    """Teachers (Ray Train), then the teacher-output caches (Ray Data) of every cell that needs them; fills each
+    cell's ``teacher_key`` and ``cache_key`` and returns the costs (``costs.json``): per teacher and per cache, its
+    wall/CPU/GPU seconds and the cells using it. Everything that exists already (same key or fingerprint) is
+    reused; its recorded cost is kept."""
+    from metakd_ray import cache as K
+    from metakd_ray import data as D
+    from metakd_ray import models as M
+    from metakd_ray import teacher as T
+    from metakd_ray.trial import student_data
+
+    costs: dict = {"teachers": {}, "caches": {}}
+    gpu = 1.0 if cfg.ray.use_gpu else 0.0
+    specs = {t.key: t for t in T.teacher_specs_for(cfg)}
+    users: dict[str, list[str]] = {}
+    for c in p["cells"]:
+        if c.get("teacher_key"):
+            users.setdefault(c["teacher_key"], []).append(c["cell"])
+    for n, (key, cells_using) in enumerate(users.items(), 1):
+        print(f"[sweep] teacher {n}/{len(users)}: {key}", flush=True)
+        art = T.ensure_teacher(cfg, specs[key], storage, log=_show)
+        m = art.manifest
+        wall = float(m.get("seconds", {}).get("total", 0.0))
+        costs["teachers"][key] = {"wall_s": wall, "cpu_s": float(m.get("cpu_seconds", 0.0)),
+                                  "gpu_s": wall * gpu * max(cfg.ray.train_workers, 1), "cells": cells_using}
+    if not users:
+        return costs
+    splits = D.load_splits(cfg.data)
+    _, tokenizer = M.load_encoder(cfg.model.teacher)
+    budget = cfg.storage.cache_max_gb * 1e9 if cfg.storage.cache_max_gb > 0 else None
+    groups: dict[tuple, list[dict]] = {}
+    for c in p["cells"]:
+        if c.get("teacher_key"):
+            groups.setdefault((c["teacher_key"], c["domain"], c["rate"], c["seed"]), []).append(c)
+    for n, ((key, domain, rate, seed), group) in enumerate(groups.items(), 1):
+        scores = T.read_prototype_scores(storage, key)
+        data = student_data(cfg, splits, tokenizer, domain, rate, seed, scores)
+        enc_cfg = storage.read_json("teachers", key, "model", "encoder", "config.json")
+        gmap = K.student_layer_map(cfg, int(enc_cfg["num_hidden_layers"]))
+        meta = specs[key].kind == "meta"
+        print(f"[sweep] cache {n}/{len(groups)}: {key} on {domain} ({len(data.train)} examples)", flush=True)
+        ref = K.ensure_cache(cfg, storage, key, domain, data.train, gmap, prototype_scores=scores if meta else None,
+                             max_total_bytes=budget)
+        for c in group:
+            c["cache_key"] = ref.fingerprint
+        build = float(ref.manifest.get("build_seconds", 0.0))
+        entry = costs["caches"].setdefault(ref.fingerprint, {
+            "wall_s": build, "cpu_s": build * cfg.ray.cache_actors * cfg.ray.cpus_per_actor, "gpu_s": 0.0,
+            "cells": []})
+        entry["cells"] += [c["cell"] for c in group]
+    return costs
+
+
+def _show(event: dict) -> None:
+    print("[teacher] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in event.items()), flush=True)

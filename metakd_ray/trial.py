@@ -29,6 +29,7 @@ import torch
 from metakd_ray import config as C
 from metakd_ray import data as D
 from metakd_ray import models as M
+from metakd_ray.cells import filter_domains, tokenize_splits, training_pool, with_prototype_scores
 from metakd_ray.distill import LiveTeacher, distill, student_logits
 from metakd_ray.training import accuracy_by_domain
 
@@ -36,12 +37,19 @@ FINAL = "final"
 
 
 def cell_config(trial_config: dict) -> C.Config:
-    """The resolved config of this trial: the sweep's config with the cell's axis values and tuned values."""
+    """The resolved config of this trial: the sweep's config (``sweeps/<name>/config.yaml`` under the storage root,
+    written by the driver) with the cell's axis values and tuned values."""
+    import yaml
+
+    from metakd_ray.storage import Storage
+
+    storage = Storage(trial_config["storage_root"])
+    base = yaml.safe_load(storage.read_bytes("sweeps", trial_config["sweep"], "config.yaml"))
     hp = dict(trial_config.get("hp") or {})
     overrides = [f"distill.{k}={v}" for k, v in hp.items()]
     if trial_config.get("gamma2") is not None and "gamma2" not in hp:
         overrides.append(f"distill.gamma2={trial_config['gamma2']}")
-    return C.with_overrides(C.from_dict(trial_config["cfg"]), overrides)
+    return C.from_dict(base, overrides)
 
 
 @functools.lru_cache(maxsize=2)
@@ -110,19 +118,60 @@ def student_data(cfg: C.Config, splits: D.Splits, tokenizer: Any, target: str, r
                  prototype_scores: dict[str, float] | None) -> StudentData:
     """The target domain's subsampled training set (with prototype scores when given), dev and test sets,
     tokenised."""
-    from metakd_ray.local import _filter
+    doms = splits.domains
+    train = filter_domains(training_pool(cfg, splits, target, rate, seed), (target,), doms)
+    tok = tokenize_splits(cfg, tokenizer, train=train, dev=filter_domains(splits["dev"], (target,), doms),
+                          test=filter_domains(splits["test"], (target,), doms))
+    return StudentData(train=with_prototype_scores(tok["train"], prototype_scores),
+                       dev=with_prototype_scores(tok["dev"], None), test=with_prototype_scores(tok["test"], None))
 
-    only = (target,) if cfg.data.scarcity == "target" else None
-    train = _filter(D.subsample(splits["train"], rate, seed, only_domains=only), (target,), splits.domains)
-    parts = {"train": train, "dev": _filter(splits["dev"], (target,), splits.domains),
-             "test": _filter(splits["test"], (target,), splits.domains)}
-    out = {}
-    for name, ds in parts.items():
-        tok = D.tokenize(ds, tokenizer, cfg.data.max_length)
-        ids = tok["id"]
-        scores = [float(prototype_scores[i]) for i in ids] if (prototype_scores and name == "train") else [0.0] * len(ids)
-        out[name] = tok.add_column("prototype_score", scores)
-    return StudentData(**out)
+
+def open_teacher_source(cfg: C.Config, trial_config: dict):
+    """(teacher source, prototype scores by id) of a trial: its cell's cache when it is there and verifies, else
+    the exported teacher run live (same records up to float16; slower)."""
+    from metakd_ray import cache as K
+    from metakd_ray import teacher as T
+    from metakd_ray.cache_reader import CachedTeacher
+    from metakd_ray.storage import Storage
+
+    storage = Storage(cfg.storage.root)
+    key = trial_config["teacher_key"]
+    scores = T.read_prototype_scores(storage, key)
+    fp = trial_config.get("cache_key")
+    if fp:
+        try:
+            return CachedTeacher(K.CacheRef(storage.uri(), fp, K.verify(fp, storage))), scores
+        except (K.CacheError, FileNotFoundError, OSError) as e:
+            print(f"[trial] cache {fp} unusable ({e}); running the teacher live", flush=True)
+    model, _, _ = T.load_teacher(storage, key)
+    gmap = K.student_layer_map(cfg, model.encoder.config.num_hidden_layers)
+    return LiveTeacher(model, gmap, dropout=cfg.distill.teacher_dropout), scores
+
+
+FAULTS_ENV = "METAKD_FAULTS"
+
+
+def inject_fault(config: dict) -> None:
+    """Fault injection for tests of retries and failed cells: ``METAKD_FAULTS="once=<s>;always=<s>"`` makes a
+    trial whose cell id contains ``<s>`` raise at its start — ``once``: on its first attempt only (a marker under
+    ``<storage>/sweeps/<name>/faults/`` remembers it), ``always``: on every attempt. Unset in normal use."""
+    spec = os.environ.get(FAULTS_ENV, "")
+    if not spec:
+        return
+    from ray import tune
+
+    from metakd_ray.storage import Storage
+
+    rules = dict(part.split("=", 1) for part in spec.split(";") if "=" in part)
+    cell = config["cell"]
+    if rules.get("always") and rules["always"] in cell:
+        raise RuntimeError(f"injected failure ({FAULTS_ENV}=always) in cell {cell}")
+    if rules.get("once") and rules["once"] in cell:
+        storage = Storage(config["storage_root"])
+        marker = ("sweeps", config["sweep"], "faults", tune.get_context().get_trial_id())
+        if not storage.exists(*marker):
+            storage.write_bytes(b"failed once", *marker)
+            raise RuntimeError(f"injected failure ({FAULTS_ENV}=once) in cell {cell}")
 
 
 def run_trial(config: dict) -> None:
@@ -130,6 +179,10 @@ def run_trial(config: dict) -> None:
     from ray import tune
     from torch.utils.data import DataLoader
 
+    inject_fault(config)
+    import datasets
+
+    datasets.disable_progress_bars()
     t0, c0 = time.time(), _cpu_seconds()
     cfg = cell_config(config)
     torch.set_num_threads(max(1, int(round(cfg.ray.trial_cpus))))
@@ -139,8 +192,6 @@ def run_trial(config: dict) -> None:
     encoder, tokenizer = _pretrained(cfg.model.teacher)
     teacher_source, prototype_scores = None, None
     if kind != "none":
-        from metakd_ray.sweep import open_teacher_source
-
         teacher_source, prototype_scores = open_teacher_source(cfg, config)
     data = student_data(cfg, splits, tokenizer, target, rate, seed, prototype_scores)
     collate = D.collator(tokenizer)
@@ -169,8 +220,3 @@ def run_trial(config: dict) -> None:
                  "teacher_key": config.get("teacher_key", ""), "cache_key": config.get("cache_key", "")})
 
 
-def live_teacher_source(cfg: C.Config, teacher_dir: str | Path, student_layers: int, kept: tuple[int, ...] | None):
-    """A ``LiveTeacher`` on an exported teacher (used when a cell has no cache)."""
-    teacher = M.load_task_model(teacher_dir)
-    gmap = M.layer_map(student_layers, teacher.encoder.config.num_hidden_layers, kept)
-    return LiveTeacher(teacher, gmap, dropout=cfg.distill.teacher_dropout)

@@ -87,3 +87,39 @@ class FailAtEpoch:
     def __call__(self, metrics: dict) -> None:
         if metrics["epoch"] == self.epoch:
             raise RuntimeError(f"injected failure in epoch {self.epoch}")
+
+
+def write_toy_project(root, *overrides: str) -> "Path":
+    """Files for running the real CLIs on toy data: ``corpus/{train,dev,test}.csv`` (a ``data.dataset: table``
+    corpus), ``model/`` (a tiny random BERT and its tokenizer, loadable by ``models.load_encoder``) and
+    ``sweep.yaml`` (a small sweep over them, storage under ``root/runs``). Returns the config path."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(root)
+    (root / "corpus").mkdir(parents=True, exist_ok=True)
+    splits = toy_splits()
+    for name in ("train", "dev", "test"):
+        splits[name].select_columns(["text", "label", "domain"]).to_csv(str(root / "corpus" / f"{name}.csv"))
+    tokenizer = toy_tokenizer()
+    encoder = M.random_encoder(vocab_size=len(tokenizer), max_position=32, dropout=0.0, seed=0)
+    encoder.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    cfg = {
+        "name": "toy",
+        "data": {"dataset": "table", "root": str(root / "corpus"), "domains": list(DOMAINS), "max_length": 16,
+                 "table": {"train": "train.csv", "dev": "dev.csv", "test": "test.csv"}},
+        "model": {"teacher": str(root / "model"), "dropout": 0.0, "student": {"num_layers": 1}},
+        "teacher": {"epochs": 2, "lr": 0.003, "batch_size": 8, "warmup": 0.0},
+        "distill": {"stage1_epochs": 1, "stage1_lr": 0.003, "stage2_epochs": 2, "stage2_lr": 0.003,
+                    "batch_size": 8, "warmup": 0.0},
+        "sweep": {"target_domains": ["beta"], "sample_rates": [1.0], "methods": ["single/tinybert_kd", "meta/meta_kd"],
+                  "seeds": [0], "trials_per_cell": 2},
+        "ray": {"train_workers": 0, "cache_actors": 1, "cpus_per_actor": 1.0, "trial_cpus": 1.0},
+        "storage": {"root": str(root / "runs")},
+    }
+    path = root / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    C.load(path, list(overrides))  # fail here, not in a subprocess, if the toy config is wrong
+    return path

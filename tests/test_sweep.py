@@ -1,0 +1,185 @@
+"""The sweep service end to end through its CLI, on toy data and a tiny BERT: embedded Ray, `ray job submit` to a
+local cluster, a driver killed mid-run and restarted, injected trial failures.
+
+The sweeps share one storage root (different sweep names), so teachers and caches are built once and reused — which
+is itself what the service promises."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import toy
+from metakd_ray.results import cells as result_cells
+from metakd_ray.results import load_results
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return toy.write_toy_project(tmp_path_factory.mktemp("toyproject")).parent
+
+
+def env(**extra: str) -> dict:
+    e = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    e["PATH"] = f"{Path(sys.executable).parent}:{e.get('PATH', '')}"
+    for k in ("RAY_ADDRESS",):
+        e.pop(k, None)
+    return e
+
+
+def sweep_cmd(cfg: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "metakd_ray.sweep", str(cfg), "ray.address=local", "ray.num_cpus=2", *overrides]
+
+
+def run_sweep(cfg: Path, *overrides: str, timeout: int = 420, **extra_env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(sweep_cmd(cfg, *overrides), cwd=REPO, env=env(**extra_env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def sweep_dir(project: Path, name: str) -> Path:
+    return project / "runs" / "sweeps" / name
+
+
+@pytest.mark.timeout(120)
+def test_dry_run_prints_the_plan(project):
+    r = subprocess.run([sys.executable, "-m", "metakd_ray.sweep", str(project / "sweep.yaml"), "--dry-run", "--json",
+                        "sweep.sample_rates=[0.5, 1.0]", "sweep.seeds=[0, 1]"], cwd=REPO, env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)
+    assert len(p["cells"]) == 1 * 2 * 2 * 2 and p["trials"] == 8 * 2
+    assert {(c["rate"], c["seed"], c["method"]) for c in p["cells"]} == {
+        (r_, s, m) for r_ in (0.5, 1.0) for s in (0, 1) for m in ("single/tinybert_kd", "meta/meta_kd")}
+    assert all(c["domain"] == "beta" for c in p["cells"])
+    # one meta teacher per (rate, seed) serves the target; single teachers likewise here (one target)
+    assert len(p["teachers"]) == 2 * 2 * 2 and len(p["caches"]) == 8
+    assert not (project / "runs" / "sweeps").exists()  # a dry run writes nothing
+
+
+@pytest.mark.timeout(480)
+def test_embedded_sweep_gives_one_row_per_planned_trial(project):
+    r = run_sweep(project / "sweep.yaml", "name=embedded")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[sweep] report:" in r.stdout
+    df = load_results(sweep_dir(project, "embedded"))
+    assert len(df) == 2 * 2 and set(df["status"]) == {"TERMINATED"}
+    assert df["test_acc"].between(0, 1).all() and (df["cpu_s"] > 0).all()
+    c = result_cells(df)
+    assert len(c) == 2 and set(c["status"]) == {"ok"}
+    # each cell's first trial ran the configured hyper-parameters
+    first = df.sort_values("start_time").groupby("cell").head(1)
+    assert (first["hp_stage2_lr"] == 0.003).all()
+    assert (sweep_dir(project, "embedded") / "report" / "scarcity.png").is_file()
+    # teachers and caches were built once, with their manifests
+    assert len(list((project / "runs" / "teachers").glob("*/manifest.json"))) == 2
+    assert len(list((project / "runs" / "caches").glob("*/manifest.json"))) == 2
+
+
+@pytest.mark.timeout(480)
+def test_rerun_with_changed_config_is_refused(project):
+    r = run_sweep(project / "sweep.yaml", "name=embedded", "distill.stage2_epochs=5", timeout=120)
+    assert r.returncode == 2
+    assert "already exists" in r.stderr and "distill.stage2_epochs" in r.stderr
+
+
+def _final_trials(tune_dir: Path) -> dict[str, float]:
+    """trial id -> timestamp of its first report, for trials with a final report."""
+    out = {}
+    for result in tune_dir.glob("*/result.json"):
+        lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
+        if any(x.get("phase") == "final" for x in lines):
+            out[result.parent.name] = lines[0]["timestamp"]
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_killed_driver_resumes_without_rerunning_finished_trials(project):
+    cfg = project / "sweep.yaml"
+    overrides = ("name=killed", "sweep.trials_per_cell=4", "distill.stage2_epochs=3")
+    proc = subprocess.Popen(sweep_cmd(cfg, *overrides), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    tune_dir = sweep_dir(project, "killed") / "tune"
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline and len(_final_trials(tune_dir)) < 2:
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = _final_trials(tune_dir)
+    assert 2 <= len(before) < 8, before  # killed mid-run
+    r = run_sweep(cfg, *overrides)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    df = load_results(sweep_dir(project, "killed"))
+    assert len(df) == 2 * 4 and set(df["status"]) == {"TERMINATED"}
+    assert sorted(df["cell"].value_counts().tolist()) == [4, 4]
+    after = _final_trials(tune_dir)
+    for trial_id, started in before.items():  # finished trials were kept, not run again
+        assert after[trial_id] == started
+        lines = (tune_dir / trial_id / "result.json").read_text().splitlines()
+        assert sum(json.loads(x).get("phase") == "final" for x in lines) == 1
+
+
+@pytest.mark.timeout(480)
+def test_trial_failing_once_is_retried_and_a_failing_cell_is_reported(project):
+    r = run_sweep(project / "sweep.yaml", "name=faults", METAKD_FAULTS="once=single;always=meta")
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # the sweep completes, then says a cell failed
+    df = load_results(sweep_dir(project, "faults"))
+    assert len(df) == 4
+    single = df[df["method"] == "single/tinybert_kd"]
+    assert set(single["status"]) == {"TERMINATED"} and single["test_acc"].notna().all()
+    c = result_cells(df).set_index("method")
+    assert c.loc["single/tinybert_kd", "status"] == "ok"
+    assert c.loc["meta/meta_kd", "status"] == "failed"
+    assert "injected failure" in c.loc["meta/meta_kd", "error"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(600)
+def test_ray_job_submit_to_a_local_cluster(project, tmp_path):
+    gcs, dash = _free_port(), _free_port()
+    e = env(RAY_AUTH_MODE="disabled")
+    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
+                             f"--temp-dir={tmp_path / 'ray'}"],
+                            cwd=REPO, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            ok = subprocess.run(["ray", "job", "list", "--address", address], env=e, capture_output=True, timeout=60)
+            if ok.returncode == 0:
+                break
+            time.sleep(2)
+        else:
+            pytest.fail("the local cluster's job server did not come up")
+        r = subprocess.run(["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
+                            "python", "-m", "metakd_ray.sweep", str(project / "sweep.yaml"), "name=submitted"],
+                           cwd=REPO, env=e, capture_output=True, text=True, timeout=480)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "succeeded" in r.stdout.lower()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+    df = load_results(sweep_dir(project, "submitted"))
+    assert len(df) == 4 and set(df["status"]) == {"TERMINATED"}
