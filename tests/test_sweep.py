@@ -153,26 +153,27 @@ def _free_port() -> int:
 
 @pytest.mark.timeout(600)
 def test_ray_job_submit_to_a_local_cluster(project, tmp_path):
-    gcs, dash = _free_port(), _free_port()
+    # Every port chosen free: another Ray on this machine (the test session's, say) holds the defaults, and a
+    # dashboard agent that cannot bind its port leaves the job server with "No available agent".
+    gcs, dash, agent, agent_grpc, metrics, env_agent = (_free_port() for _ in range(6))
     e = env(RAY_AUTH_MODE="disabled")
     head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats",
-                             f"--temp-dir={tmp_path / 'ray'}"],
+                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}"],
                             cwd=REPO, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 120
-        while time.time() < deadline:
-            ok = subprocess.run(["ray", "job", "list", "--address", address], env=e, capture_output=True, timeout=60)
-            if ok.returncode == 0:
+        submit = ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
+                  "python", "-m", "metakd_ray.sweep", str(project / "sweep.yaml"), "name=submitted"]
+        while True:  # until the job server is up and its agent ready: it refuses jobs before that
+            r = subprocess.run(submit, cwd=REPO, env=e, capture_output=True, text=True, timeout=480)
+            not_ready = "No available agent" in r.stderr or "Failed to connect to Ray" in r.stderr
+            if not not_ready or time.time() > deadline:
                 break
-            time.sleep(2)
-        else:
-            pytest.fail("the local cluster's job server did not come up")
-        r = subprocess.run(["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
-                            "python", "-m", "metakd_ray.sweep", str(project / "sweep.yaml"), "name=submitted"],
-                           cwd=REPO, env=e, capture_output=True, text=True, timeout=480)
+            time.sleep(3)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "succeeded" in r.stdout.lower()
     finally:
