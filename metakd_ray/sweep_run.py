@@ -158,6 +158,10 @@ def build_artefacts(cfg: C.Config, p: dict, storage: Storage) -> dict:
                                   "gpu_s": wall * gpu * max(cfg.ray.train_workers, 1), "cells": cells_using}
     if not users:
         return costs
+    if cfg.distill.teacher_dropout or cfg.distill.include_padding:
+        # A cache holds the eval-mode teacher on real tokens only; these options need the teacher run live.
+        print("[sweep] distill.teacher_dropout / include_padding: no caches, trials run the teacher live", flush=True)
+        return costs
     splits = D.load_splits(cfg.data)
     _, tokenizer = M.load_encoder(cfg.model.teacher)
     budget = cfg.storage.cache_max_gb * 1e9 if cfg.storage.cache_max_gb > 0 else None

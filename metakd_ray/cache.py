@@ -1,0 +1,698 @@
+"""Teacher-output cache: one Ray Data job per (teacher, domain, split) writes what the student loss needs from the
+teacher, so distillation epochs read it instead of running the teacher (method doc §3; format in
+``metakd_ray.cache_format``; reader ``metakd_ray.cache_reader.CachedTeacher``).
+
+    ref = ensure_cache(cfg, storage, "books-meta-r0.1-s0", "books", tokenised_train, (0, 2, 4, 6),
+                       prototype_scores={id: t_i, ...})          # builds, or finds and verifies, the cache
+    teacher = CachedTeacher(ref)                                   # a TeacherSource, like LiveTeacher
+    distill(student, "meta_kd", teacher, train_loader, ...)        # the loop is unchanged
+
+CLI (builds the cache one cell needs, from an exported teacher)::
+
+    python -m metakd_ray.cache sweeps/smoke.yaml --teacher-dir runs/x/teacher/best --target books --rate 0.1 --seed 0
+
+Layout: ``<storage root>/caches/<fingerprint>/part-*.parquet`` and ``manifest.json``, written last and atomically.
+The fingerprint hashes the teacher's weights (sha256 of its weight files), its tokenizer (vocab and config), the
+max length, the layer map, the domain and split, the sorted example ids, the token ids themselves, the prototype
+scores and the format (precision, attention mode). Same fingerprint: nothing is recomputed (the manifest's
+per-file sha256 and row counts are verified first; a truncated or altered file makes the cache rebuilt, never
+used). Another fingerprint: a new cache beside the old one.
+
+What is stored, per example (float16, only the real tokens; MiniLM-L6 teacher, 3-layer student, g = (0, 2, 4, 6),
+max_length 128, Amazon reviews: mean 98.15 real tokens, 47 % truncated at 128):
+
+- id, n_tokens, logits (float32), h_d (float16, meta teacher), prototype score (float32);
+- teacher hidden states 1..6, i.e. the mapped layers 2, 4, 6 and their inputs 1, 3, 5 (the reader rebuilds each
+  mapped layer's pre-softmax scores from its input with the teacher's query/key projections, and layer 0 from the
+  embedding module): 6 x 98.15 x 384 x 2 B = 452 KB per example.
+
+Disk budget of ``sweeps/scarcity.yaml`` (4 domains x 3 seeds x rates summing to 1.88 x 2 teachers = 73,094 cached
+examples; measured figures and every design option in benchmarks/RESULTS.md):
+
+=====================================================  =========  =========================================
+design                                                 B/example  all 73k caches
+=====================================================  =========  =========================================
+float32, padded, hidden states + score maps (naive)    3.1 MB     230 GB
+float16 unpadded, hidden states + score maps           1.09 MB    79 GB
+float16 unpadded, hidden states + Q/K                  755 KB     55 GB
+float16, layer inputs, scores rebuilt (this format)    453 KB     33.1 GB (30.8 GB as zstd Parquet)
+int8 per-token scale, same layers (precision="int8")   229 KB     16.8 GB
+=====================================================  =========  =========================================
+
+No lossless-to-float16 design holds all 73k examples in 12 GB at once (that needs <= 164 KB per example, about
+1.67 KB per real token: fewer than 2.2 float16 vectors of 384 per token, while the loss needs 6). What fits: each
+cache serves one sweep cell (target, rate, seed, teacher), so ``ensure_cache(..., max_total_bytes=12e9)`` evicts the
+least recently used other caches once the total passes the budget; the largest single cache (rate 1.0, 1631
+examples) is 0.74 GB, so 12 GB holds the caches of ~16 cells in flight. An evicted cache is rebuilt on demand
+(fingerprinted), at the cost of one teacher pass.
+
+Pool layout: on 2 CPUs, ``ray.cache_actors=2 ray.cpus_per_actor=0.5`` (1 torch thread each) ran the teacher pass
+6 % faster than 1 actor x 1 CPU with 2 threads, and as fast as a plain single-process loop (benchmarks/RESULTS.md).
+
+Pitfalls handled (docs/ray-guide.md §3): the actor pool must leave a CPU for the read/write tasks (else Ray Data
+deadlocks, ray#44687), so ``cache_actors * cpus_per_actor <= cluster CPUs - 1`` is checked first;
+``SaveMode.OVERWRITE`` for the staging write; no Arrow tensor extension types (raw bytes cells).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import posixpath
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from metakd_ray.cache_format import (
+    ATTENTION_MODES,
+    FORMAT_VERSION,
+    PRECISIONS,
+    encode_matrix,
+    matrix_bytes,
+    stored_layers,
+)
+from metakd_ray.storage import Storage
+
+log = logging.getLogger(__name__)
+
+CACHES = "caches"
+MANIFEST = "manifest.json"
+USED_MARK = ".last_used"
+# How many times this process ran a cache-building Ray job (tests assert that a cache hit runs none).
+JOB_RUNS = 0
+
+
+class CacheError(RuntimeError):
+    """A cache is missing, incomplete or corrupt (the message lists every problem found)."""
+
+
+@dataclass(frozen=True)
+class CacheRef:
+    """A verified cache: ``caches/<fingerprint>/`` under the storage root ``root``."""
+
+    root: str
+    fingerprint: str
+    manifest: dict
+    built: bool = False  # True when this call ran the Ray job; False on a cache hit
+
+    @property
+    def parts(self) -> tuple[str, str]:
+        return (CACHES, self.fingerprint)
+
+    def storage(self) -> Storage:
+        return Storage(self.root)
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.manifest["num_examples"])
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(int(f["bytes"]) for f in self.manifest["files"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fingerprints
+# ----------------------------------------------------------------------------------------------------------
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+TOKENIZER_FILES = ("vocab.txt", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _hash_json(obj: Any) -> str:
+    return _sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
+
+
+@dataclass(frozen=True)
+class TeacherLocation:
+    """An exported teacher (``encoder/``, ``heads.pt``, ``heads.json``) as a storage root and a relative path, so
+    that any node can fetch it (``Storage(root).local_copy(*parts)``)."""
+
+    root: str
+    parts: tuple[str, ...] = ()
+
+    def storage(self) -> Storage:
+        return Storage(self.root)
+
+    def describe(self) -> str:
+        return posixpath.join(self.root, *self.parts)
+
+
+def resolve_teacher(storage: Storage, teacher: str | os.PathLike) -> TeacherLocation:
+    """``teacher``: a local directory of an exported teacher, a path relative to the storage root, or a teacher key
+    (``teachers/<key>/model`` under the root)."""
+    p = Path(teacher).expanduser()
+    if p.is_dir() and (p / "heads.json").is_file():
+        return TeacherLocation(str(p.resolve()))
+    for parts in (tuple(str(teacher).strip("/").split("/")), ("teachers", str(teacher), "model")):
+        if storage.is_file(*parts, "heads.json"):
+            return TeacherLocation(storage.uri(), parts)
+    raise CacheError(f"teacher {str(teacher)!r}: neither a local directory with heads.json nor "
+                     f"{storage.uri(str(teacher))} nor {storage.uri('teachers', str(teacher), 'model')}")
+
+
+def _walk(storage: Storage, *parts: str) -> list[str]:
+    """Relative paths of every file under ``parts`` (sorted)."""
+    base = storage.path(*parts)
+    sel = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+    return sorted(posixpath.relpath(i.path, base) for i in storage.fs.get_file_info(sel)
+                  if i.type == pafs.FileType.File)
+
+
+def teacher_fingerprint(loc: TeacherLocation) -> dict[str, str]:
+    """``{"weights": sha256 over the weight files and configs, "tokenizer": sha256 over the tokenizer files}``."""
+    st = loc.storage()
+    files = _walk(st, *loc.parts)
+    weights = [f for f in files if f in ("heads.pt", "heads.json", "encoder/config.json")
+               or (f.startswith("encoder/") and f.endswith(WEIGHT_SUFFIXES))]
+    if "heads.pt" not in weights or not any(f.endswith(WEIGHT_SUFFIXES) and f.startswith("encoder/") for f in weights):
+        raise CacheError(f"{loc.describe()}: no teacher weights (expected encoder/*.safetensors and heads.pt)")
+    toks = [f for f in files if f.startswith("encoder/") and posixpath.basename(f) in TOKENIZER_FILES]
+    digest = lambda names: _hash_json([[n, _sha256(st.read_bytes(*loc.parts, n))] for n in names])  # noqa: E731
+    return {"weights": digest(weights), "tokenizer": digest(toks) if toks else ""}
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A tokenizer object's vocabulary, class and lower-casing, hashed."""
+    return _hash_json({"cls": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items()),
+                       "lower": getattr(tokenizer, "do_lower_case", None)})
+
+
+def cache_key(*, teacher: Mapping[str, str], tokenizer: str, max_length: int, layer_map: Sequence[int], domain: str,
+              split: str, ids: Sequence[str], input_hash: str, prototype_hash: str | None, precision: str,
+              attention: str) -> dict:
+    """What the fingerprint hashes (kept verbatim in the manifest)."""
+    return {"format": FORMAT_VERSION, "teacher_weights": teacher["weights"], "tokenizer": tokenizer,
+            "max_length": int(max_length), "layer_map": [int(x) for x in layer_map], "domain": domain,
+            "split": split, "ids": _hash_json(sorted(ids)), "num_examples": len(ids), "inputs": input_hash,
+            "prototype_scores": prototype_hash, "precision": precision, "attention": attention}
+
+
+def fingerprint(key: Mapping[str, Any]) -> str:
+    return _hash_json(dict(key))[:32]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The input table (one row per example, sorted by length so batches carry little padding)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def input_table(split_dataset: Any, prototype_scores: Mapping[str, float] | None = None) -> pa.Table:
+    """``id, input_ids, [token_type_ids], domain_id, [prototype_score]`` from a tokenised ``datasets.Dataset`` (or
+    anything with those columns: a ``pa.Table``, a dict of lists), longest first."""
+    if hasattr(split_dataset, "flatten_indices"):  # datasets.Dataset (select/filter keep an indices mapping)
+        import datasets
+
+        quiet = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+        try:
+            table = split_dataset.flatten_indices().data.table
+        finally:
+            if quiet:
+                datasets.enable_progress_bars()
+    elif isinstance(split_dataset, pa.Table):
+        table = split_dataset
+    else:
+        table = pa.table(dict(split_dataset))
+    missing = [c for c in ("id", "input_ids", "domain_id") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"the split needs columns id, input_ids and domain_id (tokenised, with ids); missing {missing}")
+    cols = {"id": table["id"].cast(pa.string()), "input_ids": table["input_ids"].cast(pa.list_(pa.int32())),
+            "domain_id": table["domain_id"].cast(pa.int32())}
+    if "token_type_ids" in table.column_names:
+        cols["token_type_ids"] = table["token_type_ids"].cast(pa.list_(pa.int8()))
+    ids = cols["id"].to_pylist()
+    if len(set(ids)) != len(ids):
+        raise ValueError("example ids are not unique")
+    if prototype_scores is not None:
+        absent = [i for i in ids if i not in prototype_scores]
+        if absent:
+            raise ValueError(f"no prototype score for {len(absent)} examples, e.g. {absent[:3]}")
+        cols["prototype_score"] = pa.array([float(prototype_scores[i]) for i in ids], pa.float32())
+    out = pa.table(cols)
+    lengths = pc.list_value_length(out["input_ids"]).to_numpy()
+    return out.take(np.argsort(-lengths, kind="stable"))
+
+
+def _input_hash(table: pa.Table) -> str:
+    """sha256 of (id, token ids, token type ids, domain id) in id order."""
+    order = np.argsort(np.asarray(table["id"].to_pylist(), dtype=object), kind="stable")
+    t = table.select([c for c in ("id", "input_ids", "token_type_ids", "domain_id") if c in table.column_names])
+    h = hashlib.sha256()
+    for row in t.take(order).to_pylist():
+        h.update(json.dumps(row, separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Ray Data job
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_actor_pool(actors: int, cpus_per_actor: float, cluster_cpus: float) -> None:
+    """Raise unless the actor pool leaves at least one CPU for Ray Data's read/write tasks: Ray Data starts the
+    pool's actors before any other task, so a pool holding every CPU waits forever (ray-project/ray#44687)."""
+    if actors < 1 or cpus_per_actor <= 0:
+        raise ValueError(f"ray.cache_actors={actors} and ray.cpus_per_actor={cpus_per_actor} must be positive")
+    used = actors * cpus_per_actor
+    if used > cluster_cpus - 1 + 1e-9:
+        raise ValueError(
+            f"ray.cache_actors * ray.cpus_per_actor = {actors} x {cpus_per_actor:g} = {used:g} CPUs, but the cluster "
+            f"has {cluster_cpus:g}: the cache job needs the pool to leave at least 1 CPU free for Ray Data's "
+            f"read/write tasks, or it deadlocks (Ray starts the actors first; ray-project/ray#44687). Use at most "
+            f"{max(cluster_cpus - 1, 0):g} CPUs in all, e.g. ray.cache_actors=1 ray.cpus_per_actor=1 on 2 CPUs, "
+            f"or ray.cache_actors=2 ray.cpus_per_actor=0.5")
+
+
+class TeacherPass:
+    """Ray Data callable class: loads the exported teacher once per actor, then turns a numpy batch of input rows
+    into a ``pa.Table`` of cache rows (``metakd_ray.cache_format``)."""
+
+    def __init__(self, teacher_root: str, teacher_parts: tuple[str, ...], layers: tuple[int, ...],
+                 qk_layers: tuple[int, ...], precision: str, threads: int):
+        import torch
+
+        from metakd_ray.models import load_task_model
+
+        torch.set_num_threads(max(1, int(threads)))
+        with Storage(teacher_root).local_copy(*teacher_parts) as d:
+            self.model = load_task_model(d).eval()
+        self.layers, self.qk_layers, self.precision = layers, qk_layers, precision
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        import torch
+
+        from metakd_ray.models.encoders import _capture_query_key
+
+        seqs = [np.asarray(x, dtype=np.int64) for x in batch["input_ids"]]
+        lens = np.array([len(s) for s in seqs])
+        b, t = len(seqs), int(lens.max())
+        ids = torch.zeros(b, t, dtype=torch.long)
+        mask = torch.zeros(b, t, dtype=torch.long)
+        types = torch.zeros(b, t, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.from_numpy(s)
+            mask[i, :len(s)] = 1
+            if "token_type_ids" in batch:
+                types[i, :len(s)] = torch.from_numpy(np.asarray(batch["token_type_ids"][i], dtype=np.int64))
+        domain_ids = torch.from_numpy(np.asarray(batch["domain_id"], dtype=np.int64))
+        with torch.inference_mode():
+            if self.qk_layers:
+                with _capture_query_key(self.model.encoder) as qk:
+                    out = self.model(ids, mask, types, domain_ids=domain_ids)
+            else:
+                out = self.model(ids, mask, types, domain_ids=domain_ids)
+        hs = out.encoder.hidden_states
+        cols: dict[str, Any] = {
+            "id": pa.array([str(x) for x in batch["id"]], pa.string()),
+            "n_tokens": pa.array(lens, pa.int32()),
+            "logits": pa.array([r.astype("<f4").tobytes() for r in out.logits.float().numpy()], pa.large_binary()),
+        }
+        if out.domain_hidden is not None:
+            cols["domain_hidden"] = pa.array([r.astype("<f2").tobytes() for r in out.domain_hidden.float().numpy()],
+                                             pa.large_binary())
+        if "prototype_score" in batch:
+            cols["prototype_score"] = pa.array(np.asarray(batch["prototype_score"], dtype=np.float32), pa.float32())
+
+        def cells(x: torch.Tensor) -> pa.Array:  # (b, t, d) -> one cell per example, real tokens only
+            x = x.float().numpy()
+            return pa.array([encode_matrix(x[i, :n], self.precision) for i, n in enumerate(lens)], pa.large_binary())
+
+        for layer in self.layers:
+            cols[f"hidden_{layer}"] = cells(hs[layer])
+        for layer in self.qk_layers:
+            cols[f"query_{layer}"] = cells(qk[(layer - 1, "query")])
+            cols[f"key_{layer}"] = cells(qk[(layer - 1, "key")])
+        return pa.table(cols)
+
+
+def init_ray(cfg: Any) -> None:
+    """Start or join Ray as ``cfg.ray`` says (no-op if Ray is already up)."""
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")  # docs/ray-guide.md §3.3 #2
+    import ray
+    import ray.data
+
+    if ray.is_initialized():
+        return
+    addr = cfg.ray.address
+    if addr in ("", "auto") or "://" in addr or ":" in addr:
+        ray.init(address=addr or None, logging_level="WARNING")
+    else:  # "local"
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or None, logging_level="WARNING")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_no_progress_timeout_s = 300
+
+
+def run_teacher_job(table: pa.Table, teacher: TeacherLocation, out_storage: Storage, out_parts: Sequence[str], *,
+                    layers: tuple[int, ...], qk_layers: tuple[int, ...], precision: str, actors: int,
+                    cpus_per_actor: float, threads_per_actor: int | None = None, batch_size: int = 32,
+                    rows_per_block: int | None = None, compression: str = "zstd") -> float:
+    """The Ray Data pass: rows -> repartition -> actor pool running the teacher -> Parquet under ``out_parts``
+    (overwritten). Returns the wall time in seconds."""
+    global JOB_RUNS
+    import ray
+    import ray.data
+
+    cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
+    check_actor_pool(actors, cpus_per_actor, cluster_cpus)
+    # torch threads per actor: the node's CPUs shared by the pool (the read/write tasks are light), e.g. 1 actor x 2
+    # threads or 2 actors x 1 thread on 2 CPUs (benchmarks/precompute.py measured the latter faster).
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=cluster_cpus)
+    threads = threads_per_actor or max(1, int(min(node_cpus, cluster_cpus) // actors))
+    n = table.num_rows
+    rows = rows_per_block or max(batch_size, min(4 * batch_size, math.ceil(n / (2 * actors))))
+    t0 = time.perf_counter()
+    JOB_RUNS += 1
+    (ray.data.from_arrow(table)
+        .repartition(target_num_rows_per_block=rows)
+        .map_batches(TeacherPass,
+                     fn_constructor_kwargs=dict(teacher_root=teacher.root, teacher_parts=tuple(teacher.parts),
+                                                layers=layers, qk_layers=qk_layers, precision=precision,
+                                                threads=threads),
+                     compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
+                     batch_size=batch_size, batch_format="numpy", udf_modifying_row_count=False)
+        .write_parquet(out_storage.path(*out_parts), filesystem=out_storage.fs, mode=ray.data.SaveMode.OVERWRITE,
+                       compression=compression))
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Manifest, verification, publication
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _file_entry(storage: Storage, *parts: str) -> dict:
+    data = storage.read_bytes(*parts)
+    rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+    return {"name": parts[-1], "bytes": len(data), "sha256": _sha256(data), "rows": rows}
+
+
+def verify(cache: CacheRef | str, storage: Storage | None = None) -> dict:
+    """Check every file of a cache against its manifest (presence, size, sha256, Parquet row count, total rows);
+    return the manifest, or raise :class:`CacheError` naming each problem. ``cache``: a CacheRef or a fingerprint
+    (then ``storage`` is needed)."""
+    if isinstance(cache, CacheRef):
+        storage, fp = cache.storage(), cache.fingerprint
+    else:
+        fp = cache
+        assert storage is not None, "verify(fingerprint) needs the storage"
+    where = storage.uri(CACHES, fp)
+    if not storage.is_file(CACHES, fp, MANIFEST):
+        raise CacheError(f"{where}: no manifest (never completed)")
+    try:
+        manifest = storage.read_json(CACHES, fp, MANIFEST)
+    except (ValueError, OSError) as e:
+        raise CacheError(f"{where}/{MANIFEST}: unreadable ({e})") from None
+    problems = []
+    if manifest.get("fingerprint") != fp or manifest.get("format") != FORMAT_VERSION:
+        problems.append(f"manifest is for {manifest.get('fingerprint')!r} format {manifest.get('format')!r}")
+    listed = {f["name"] for f in manifest.get("files", [])}
+    present = {n for n in storage.listdir(CACHES, fp) if n.endswith(".parquet")}
+    problems += [f"{n}: missing" for n in sorted(listed - present)]
+    problems += [f"{n}: not in the manifest" for n in sorted(present - listed)]
+    rows = 0
+    for entry in manifest.get("files", []):
+        if entry["name"] not in present:
+            continue
+        try:
+            got = _file_entry(storage, CACHES, fp, entry["name"])
+        except (OSError, pa.ArrowException) as e:
+            problems.append(f"{entry['name']}: unreadable ({type(e).__name__}: {e})")
+            continue
+        for k in ("bytes", "sha256", "rows"):
+            if got[k] != entry[k]:
+                problems.append(f"{entry['name']}: {k} {got[k]} != manifest {entry[k]}")
+        rows += got["rows"]
+    if not problems and rows != manifest.get("num_examples"):
+        problems.append(f"{rows} rows, manifest says {manifest.get('num_examples')} examples")
+    if problems:
+        raise CacheError(f"cache {where} is corrupt: " + "; ".join(problems))
+    return manifest
+
+
+def _touch(storage: Storage, fp: str) -> None:
+    storage.write_bytes(str(time.time()).encode(), CACHES, fp, USED_MARK)
+
+
+def _last_used(storage: Storage, fp: str) -> float:
+    try:
+        return float(storage.read_bytes(CACHES, fp, USED_MARK))
+    except (OSError, ValueError):
+        return 0.0
+
+
+def cache_sizes(storage: Storage) -> dict[str, int]:
+    """fingerprint -> bytes on disk of every cache directory (complete or not) under ``caches/``."""
+    out = {}
+    for fp in storage.listdir(CACHES):
+        if fp.startswith("."):
+            continue
+        sel = pafs.FileSelector(storage.path(CACHES, fp), recursive=True, allow_not_found=True)
+        out[fp] = sum(i.size or 0 for i in storage.fs.get_file_info(sel) if i.type == pafs.FileType.File)
+    return out
+
+
+def prune(storage: Storage, max_total_bytes: float, keep: Sequence[str] = ()) -> list[str]:
+    """Evict least recently used caches (never those in ``keep``) until ``caches/`` holds at most
+    ``max_total_bytes``; return the evicted fingerprints. A reader that already loaded a cache is unaffected."""
+    sizes = cache_sizes(storage)
+    total = sum(sizes.values())
+    evicted = []
+    for fp in sorted((f for f in sizes if f not in keep), key=lambda f: _last_used(storage, f)):
+        if total <= max_total_bytes:
+            break
+        storage.delete(CACHES, fp)
+        total -= sizes[fp]
+        evicted.append(fp)
+        log.info("cache %s evicted (LRU, %.0f MB)", fp, sizes[fp] / 1e6)
+    return evicted
+
+
+def _publish(storage: Storage, staging: tuple[str, ...], fp: str) -> None:
+    """Move the staged Parquet files into ``caches/<fp>/`` (replacing an incomplete or corrupt one)."""
+    storage.delete(CACHES, fp)
+    if storage.is_local:
+        storage.fs.move(storage.path(*staging), storage.path(CACHES, fp))
+    else:
+        storage.fs.create_dir(storage.path(CACHES, fp), recursive=True)
+        for name in storage.listdir(*staging):
+            storage.fs.copy_file(storage.path(*staging, name), storage.path(CACHES, fp, name))
+        storage.delete(*staging)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ensure_cache
+# ----------------------------------------------------------------------------------------------------------
+
+
+def ensure_cache(cfg: Any, storage: Storage | None, teacher: str | os.PathLike, domain: str, split_dataset: Any,
+                 layer_map: Sequence[int], prototype_scores: Mapping[str, float] | None = None, *,
+                 split: str = "train", tokenizer: Any = None, max_length: int | None = None,
+                 precision: str = "float16", attention: str = "inputs", batch_size: int = 32,
+                 rows_per_block: int | None = None, threads_per_actor: int | None = None,
+                 compression: str = "zstd", max_total_bytes: float | None = None) -> CacheRef:
+    """The verified cache of ``teacher`` on ``split_dataset`` (one domain's tokenised split, with ids): found by its
+    fingerprint, or built with one Ray Data job (``cfg.ray.cache_actors`` actors x ``cfg.ray.cpus_per_actor``).
+
+    ``teacher``: an exported teacher directory, a path under the storage root, or a teacher key
+    (``teachers/<key>/model``). ``prototype_scores``: id -> t_i, stored with each example (meta_kd).
+    ``tokenizer``: hashed into the fingerprint when the teacher's ``encoder/`` holds no tokenizer files (those
+    win); the token ids themselves are hashed too.
+    ``max_length``: default ``cfg.data.max_length``. ``max_total_bytes``: evict least recently used other caches
+    beyond this total (see the module docstring for the 12 GB sweep budget).
+    """
+    storage = storage or Storage(cfg.storage.root)
+    if precision not in PRECISIONS or attention not in ATTENTION_MODES:
+        raise ValueError(f"precision={precision!r} (one of {PRECISIONS}), attention={attention!r} "
+                         f"(one of {ATTENTION_MODES})")
+    g = tuple(int(x) for x in layer_map)
+    layers = stored_layers(g, attention)
+    qk_layers = tuple(g[1:]) if attention == "qk" else ()
+    loc = resolve_teacher(storage, teacher)
+    tfp = teacher_fingerprint(loc)
+    table = input_table(split_dataset, prototype_scores)
+    ids = table["id"].to_pylist()
+    proto_hash = None if prototype_scores is None else _hash_json(sorted(
+        (i, round(float(prototype_scores[i]), 7)) for i in ids))
+    # the tokenizer saved with the teacher when there is one (so passing ``tokenizer`` or not gives the same key)
+    tok_fp = tfp["tokenizer"] or (tokenizer_fingerprint(tokenizer) if tokenizer is not None else "")
+    key = cache_key(teacher=tfp, tokenizer=tok_fp, max_length=max_length or cfg.data.max_length, layer_map=g, domain=domain,
+                    split=split, ids=ids, input_hash=_input_hash(table), prototype_hash=proto_hash,
+                    precision=precision, attention=attention)
+    fp = fingerprint(key)
+    if storage.exists(CACHES, fp):
+        try:
+            manifest = verify(fp, storage)
+            _touch(storage, fp)
+            log.info("cache %s: hit (%d examples), nothing recomputed", storage.uri(CACHES, fp), len(ids))
+            if max_total_bytes is not None:
+                prune(storage, max_total_bytes, keep=(fp,))
+            return CacheRef(storage.uri(), fp, manifest, built=False)
+        except CacheError as e:
+            log.warning("%s; rebuilding it", e)
+
+    import ray
+
+    if not ray.is_initialized():
+        init_ray(cfg)
+    staging = (CACHES, f".staging-{fp}-{uuid.uuid4().hex[:8]}")
+    try:
+        seconds = run_teacher_job(table, loc, storage, staging, layers=layers, qk_layers=qk_layers,
+                                  precision=precision, actors=cfg.ray.cache_actors,
+                                  cpus_per_actor=cfg.ray.cpus_per_actor, threads_per_actor=threads_per_actor,
+                                  batch_size=batch_size, rows_per_block=rows_per_block, compression=compression)
+        names = [n for n in storage.listdir(*staging) if n.endswith(".parquet")]
+        files = [_file_entry(storage, *staging, n) for n in names]
+        if sum(f["rows"] for f in files) != len(ids):
+            raise CacheError(f"the cache job wrote {sum(f['rows'] for f in files)} rows for {len(ids)} examples")
+        _publish(storage, staging, fp)
+    finally:
+        storage.delete(*staging)
+    model_args = json.loads(loc.storage().read_bytes(*loc.parts, "heads.json"))
+    enc_cfg = json.loads(loc.storage().read_bytes(*loc.parts, "encoder", "config.json"))
+    hidden = int(enc_cfg["hidden_size"])
+    total = sum(f["bytes"] for f in files)
+    mean_tokens = float(np.mean(pc.list_value_length(table["input_ids"]).to_numpy()))
+    n_mats = len(layers) + 2 * len(qk_layers)
+    manifest = {
+        "format": FORMAT_VERSION, "fingerprint": fp, "key": key, "num_examples": len(ids),
+        "teacher": {"root": loc.root, "parts": list(loc.parts), "class": model_args.get("cls"),
+                    "num_labels": model_args.get("args", {}).get("num_labels"),
+                    "num_layers": enc_cfg.get("num_hidden_layers"), "hidden_size": hidden,
+                    "num_heads": enc_cfg.get("num_attention_heads")},
+        "layer_map": list(g), "stored_layers": list(layers), "qk_layers": list(qk_layers), "precision": precision,
+        "attention": attention, "has_domain_hidden": model_args.get("cls") == "MetaTeacher",
+        "has_prototype_scores": prototype_scores is not None, "compression": compression,
+        "files": files, "mean_tokens": mean_tokens,
+        "bytes_per_example": {"on_disk": round(total / max(len(ids), 1), 1),
+                              "raw_matrices": round(n_mats * matrix_bytes(1, hidden, precision) * mean_tokens, 1)},
+        "build_seconds": round(seconds, 3), "created": time.time(),
+    }
+    storage.write_json(manifest, CACHES, fp, MANIFEST)  # last: the cache exists from here on
+    _touch(storage, fp)
+    log.info("cache %s: built %d examples in %.1f s (%.0f KB/example)", storage.uri(CACHES, fp), len(ids), seconds,
+             total / max(len(ids), 1) / 1e3)
+    if max_total_bytes is not None:
+        prune(storage, max_total_bytes, keep=(fp,))
+    return CacheRef(storage.uri(), fp, verify(fp, storage), built=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------
+
+
+def student_layer_map(cfg: Any, teacher_layers: int) -> tuple[int, ...]:
+    """The layer map g the configured student will use with a ``teacher_layers``-layer teacher."""
+    from metakd_ray.models import evenly_spaced_layers, layer_map
+
+    s = cfg.model.student
+    if s.layers:
+        return layer_map(len(s.layers), teacher_layers, s.layers)
+    if s.source == "teacher_layers":
+        return layer_map(s.num_layers, teacher_layers, evenly_spaced_layers(s.num_layers, teacher_layers))
+    return layer_map(s.num_layers, teacher_layers)
+
+
+def read_prototype_scores(path: str | os.PathLike) -> dict[str, float]:
+    """``prototype_scores.parquet`` (columns id, prototype_score) -> dict."""
+    t = pq.read_table(path, columns=["id", "prototype_score"])
+    return dict(zip(t["id"].to_pylist(), t["prototype_score"].to_pylist()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from metakd_ray import config as C
+    from metakd_ray import data as D
+
+    ap = argparse.ArgumentParser(prog="python -m metakd_ray.cache", description=__doc__.split("\n\n")[0])
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    ap.add_argument("--teacher-dir", required=True,
+                    help="an exported teacher (encoder/, heads.pt, heads.json): a directory, a path under "
+                         "storage.root, or a teacher key (teachers/<key>/model)")
+    ap.add_argument("--target", help="target domain (default: the first of sweep.target_domains or data.domains)")
+    ap.add_argument("--rate", type=float, default=None, help="sample rate (default: the first of sweep.sample_rates)")
+    ap.add_argument("--seed", type=int, default=None, help="seed (default: the first of sweep.seeds)")
+    ap.add_argument("--split", default="train", choices=("train", "dev", "test"))
+    ap.add_argument("--prototype-scores", help="parquet with columns id, prototype_score (default: "
+                    "prototype_scores.parquet beside the teacher's model/ folder, if there)")
+    ap.add_argument("--precision", default="float16", choices=PRECISIONS)
+    ap.add_argument("--attention", default="inputs", choices=ATTENTION_MODES)
+    ap.add_argument("--max-total-gb", type=float, default=None, help="evict LRU caches beyond this total")
+    args = ap.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = C.load(args.config, args.overrides)
+        target = args.target or (cfg.sweep.target_domains or cfg.data.domains)[0]
+        if target not in cfg.data.domains:
+            raise C.ConfigError([f"--target: {target!r} is not in data.domains ({', '.join(cfg.data.domains)})"])
+        rate = D.check_rate(args.rate if args.rate is not None else cfg.sweep.sample_rates[0])
+        seed = args.seed if args.seed is not None else cfg.sweep.seeds[0]
+        storage = Storage(cfg.storage.root)
+        loc = resolve_teacher(storage, args.teacher_dir)
+    except (C.ConfigError, ValueError, CacheError) as e:
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    from transformers import AutoTokenizer
+
+    with loc.storage().local_copy(*loc.parts) as tdir:
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(tdir) / "encoder"))
+        n_layers = json.loads((Path(tdir) / "encoder" / "config.json").read_text())["num_hidden_layers"]
+        proto_path = args.prototype_scores
+        if proto_path is None and loc.parts and loc.parts[-1] == "model" and \
+                loc.storage().is_file(*loc.parts[:-1], "prototype_scores.parquet"):
+            with loc.storage().local_copy(*loc.parts[:-1]) as kdir:
+                protos = read_prototype_scores(Path(kdir) / "prototype_scores.parquet")
+        else:
+            protos = read_prototype_scores(proto_path) if proto_path else None
+    splits = D.load_splits(cfg.data)
+    ds = splits[args.split]
+    if args.split == "train":
+        only = (target,) if cfg.data.scarcity == "target" else None
+        ds = D.subsample(ds, rate, seed, only_domains=only)
+    idx = splits.domains.index(target)
+    ds = ds.filter(lambda d: [x == idx for x in d], input_columns="domain_id", batched=True)
+    tok = D.tokenize(ds, tokenizer, cfg.data.max_length)
+    g = student_layer_map(cfg, n_layers)
+    init_ray(cfg)
+    ref = ensure_cache(cfg, storage, args.teacher_dir, target, tok, g, protos, split=args.split,
+                       tokenizer=tokenizer, precision=args.precision, attention=args.attention,
+                       max_total_bytes=args.max_total_gb * 1e9 if args.max_total_gb else None)
+    m = ref.manifest
+    print(json.dumps({"cache": ref.storage().uri(*ref.parts), "built": ref.built, "examples": ref.num_examples,
+                      "layer_map": m["layer_map"], "stored_layers": m["stored_layers"],
+                      "bytes": ref.total_bytes, "kb_per_example": round(ref.total_bytes / ref.num_examples / 1e3, 1),
+                      "build_seconds": m["build_seconds"] if ref.built else 0.0}))
+    return 0
+
+
+def __getattr__(name: str) -> Any:  # CachedTeacher lives in cache_reader (it imports this module)
+    if name == "CachedTeacher":
+        from metakd_ray.cache_reader import CachedTeacher
+
+        return CachedTeacher
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
