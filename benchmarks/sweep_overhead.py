@@ -2,8 +2,9 @@
 
     python benchmarks/sweep_overhead.py            # ~5 min on 2 CPUs
 
-Builds a toy project (three synthetic domains, a randomly initialised 4-layer BERT, 128 wide), runs the sweep's
-teacher and cache stages once, then times the trial phase of a 16-trial sweep (4 cells x 4 Optuna trials, 1 CPU
+Builds a toy project (three synthetic domains of 2400 examples, a randomly initialised 4-layer BERT, 128 wide, and
+a 2-layer student: trials of ~10-20 s, still far shorter than real ones, so the fixed per-trial cost shows), runs the
+sweep's teacher and cache stages once, then times the trial phase of a 16-trial sweep (4 cells x 4 Optuna trials, 1 CPU
 per trial, 2 at a time) exactly as ``python -m metakd_ray.sweep`` runs it (``sweep_run.run_trials``):
 
 - ``ratio`` = trial-phase wall time / (sum of the trials' own wall times / concurrency); target <= 1.10;
@@ -45,7 +46,7 @@ def write_project(root: Path) -> Path:
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "corpus").mkdir(exist_ok=True)
-    splits = toy.toy_splits(n_per_domain=480)
+    splits = toy.toy_splits(n_per_domain=2400)
     for name in ("train", "dev", "test"):
         splits[name].select_columns(["text", "label", "domain"]).to_csv(str(root / "corpus" / f"{name}.csv"))
     tok = toy.toy_tokenizer()
@@ -59,7 +60,7 @@ def write_project(root: Path) -> Path:
                  "table": {"train": "train.csv", "dev": "dev.csv", "test": "test.csv"}},
         "model": {"teacher": str(root / "model"), "dropout": 0.0, "student": {"num_layers": 2}},
         "teacher": {"epochs": 1, "lr": 0.001, "batch_size": 16},
-        "distill": {"stage1_epochs": 2, "stage1_lr": 0.001, "stage2_epochs": 2, "stage2_lr": 0.001,
+        "distill": {"stage1_epochs": 3, "stage1_lr": 0.001, "stage2_epochs": 3, "stage2_lr": 0.001,
                     "batch_size": 16},
         "sweep": {"target_domains": ["alpha", "beta"], "sample_rates": [1.0],
                   "methods": ["single/tinybert_kd", "meta/meta_kd"], "seeds": [0], "trials_per_cell": 4},
@@ -122,7 +123,8 @@ def main() -> None:
     result = {
         "ratio": ratio, "target": 1.10, "cpu_busy": busy, "cpu_busy_target": 0.85,
         "trial_phase_wall_s": wall, "sum_trial_wall_s": trial_sum, "concurrency": concurrency,
-        "ideal_s": ideal, "n_trials": int(len(df)), "trial_wall_s": sorted(df["wall_s"].round(3).tolist()),
+        "ideal_s": ideal, "n_trials": int(len(df)),
+        "fixed_cost_per_trial_s": (wall - ideal) * concurrency / len(df), "trial_wall_s": sorted(df["wall_s"].round(3).tolist()),
         "setup_s (ray init, teachers, caches)": setup_s,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "ray": ray.__version__, "load_avg": os.getloadavg()},
@@ -132,6 +134,7 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2))
     print(f"{len(df)} trials, {concurrency} at a time: trial phase {wall:.1f} s, sum of trial times {trial_sum:.1f} s "
           f"-> ideal {ideal:.1f} s; CPU busy {busy:.1%}; written {out}")
+    print(f"fixed cost per trial: {(wall - ideal) * concurrency / len(df):.2f} s")
     print(f"ratio={ratio:.3f} cpu_busy={busy:.3f}")
 
 
