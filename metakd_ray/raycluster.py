@@ -40,6 +40,9 @@ def connect_ray(cfg: C.Config) -> str:
     if address == "local":
         ray.init(**local)
         return "local"
+    if not address and running_cluster() is None:  # nothing to join: no hanging on a stale address file
+        ray.init(**local)
+        return "local"
     env = {k: os.environ[k] for k in (*RAY_ENV, *FORWARDED) if k in os.environ}
     try:
         ray.init(address=address or "auto", runtime_env={"env_vars": env})
@@ -49,3 +52,20 @@ def connect_ray(cfg: C.Config) -> str:
             raise
     ray.init(**local)
     return "local"
+
+
+def running_cluster(temp_dir: str = "/tmp/ray") -> str | None:
+    """The address of a cluster started with ``ray start`` on this machine that answers, else None.
+
+    ``ray start`` records its address in ``<temp dir>/ray_current_cluster``; a cluster that crashed or was killed
+    can leave the file behind, and ``ray.init(address="auto")`` then waits on a dead address. So the address is
+    used only if its GCS port accepts a connection.
+    """
+    import socket
+
+    try:
+        host, port = open(os.path.join(temp_dir, "ray_current_cluster")).read().strip().rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return f"{host}:{port}"
+    except (OSError, ValueError):
+        return None

@@ -54,3 +54,21 @@ def test_uri_root_uses_pyarrow_filesystem(tmp_path):
     s = Storage(f"file://{tmp_path}/r")
     s.write_json([1], "x.json")
     assert (tmp_path / "r" / "x.json").exists() and s.uri("x.json") == f"file://{tmp_path}/r/x.json"
+
+
+def test_a_stale_cluster_address_is_ignored(tmp_path):
+    import socket
+
+    from metakd_ray.raycluster import running_cluster
+
+    assert running_cluster(str(tmp_path)) is None  # no file
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]  # closed again below: nothing listens there
+    (tmp_path / "ray_current_cluster").write_text(f"127.0.0.1:{dead}\n")
+    assert running_cluster(str(tmp_path)) is None
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        (tmp_path / "ray_current_cluster").write_text(f"127.0.0.1:{srv.getsockname()[1]}\n")
+        assert running_cluster(str(tmp_path)) == f"127.0.0.1:{srv.getsockname()[1]}"
