@@ -77,15 +77,16 @@ class SweepConflict(ValueError):
 
 def check_same_sweep(cfg: C.Config, storage: Storage) -> None:
     """Re-running a sweep resumes it; a *changed* config under the same name would mix results, so refuse. Only
-    ``ray`` settings (where and how it runs) may change between runs."""
+    ``ray`` and ``storage`` settings (where and how it runs) may change between runs."""
     if not storage.is_file("sweeps", cfg.name, "config.yaml"):
         return
     import yaml
 
     old = yaml.safe_load(storage.read_bytes("sweeps", cfg.name, "config.yaml"))
     new = C.to_dict(cfg)
-    old.pop("ray", None)
-    new.pop("ray", None)
+    for section in ("ray", "storage"):  # where and how it runs, not what it computes
+        old.pop(section, None)
+        new.pop(section, None)
     if old != new:
         diff = sorted(_diff(old, new))
         raise SweepConflict(f"sweep {cfg.name!r} already exists at {storage.uri('sweeps', cfg.name)} with a different "
@@ -99,8 +100,24 @@ def _diff(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b else [path]
 
 
+def absolute_paths(cfg: C.Config) -> C.Config:
+    """``cfg`` with a relative ``storage.root`` / ``data.root`` (and ``$METAKD_DATA``) made absolute: Ray Tune runs
+    each trial in its own working directory, so a relative path would point somewhere else there."""
+    import os
+
+    overrides = []
+    if "://" not in cfg.storage.root:
+        overrides.append(f"storage.root={os.path.abspath(os.path.expanduser(cfg.storage.root))}")
+    if cfg.data.root and "://" not in cfg.data.root:
+        overrides.append(f"data.root={os.path.abspath(os.path.expanduser(cfg.data.root))}")
+    if os.environ.get("METAKD_DATA") and "://" not in os.environ["METAKD_DATA"]:
+        os.environ["METAKD_DATA"] = os.path.abspath(os.path.expanduser(os.environ["METAKD_DATA"]))
+    return C.with_overrides(cfg, overrides)
+
+
 def run(cfg: C.Config) -> int:
     """The whole sweep; returns the exit status."""
+    cfg = absolute_paths(cfg)
     import datasets
 
     from metakd_ray.raycluster import connect_ray

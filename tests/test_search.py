@@ -71,3 +71,16 @@ def test_save_and_restore_continue_where_it_stopped(tmp_path):
     rest = [r.suggest(f"t{i}") for i in range(3, 5)]
     assert rest[-1] == GridOfStudiesSearcher.FINISHED
     assert Counter(c["cell"] for c in first + rest[:-1]) == {c["cell"]: 2 for c in cells}
+
+
+def test_sweep_paths_are_made_absolute(tmp_path, monkeypatch):
+    from metakd_ray.sweep_run import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("METAKD_DATA", "../data")
+    cfg = absolute_paths(C.from_dict({}, ["storage.root=runs/x", "data.root=corpus"]))
+    assert cfg.storage.root == str(tmp_path / "runs" / "x") and cfg.data.root == str(tmp_path / "corpus")
+    import os
+
+    assert os.environ["METAKD_DATA"] == str(tmp_path.parent / "data")
+    assert absolute_paths(C.from_dict({}, ["storage.root=s3://bucket/p"])).storage.root == "s3://bucket/p"
