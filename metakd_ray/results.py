@@ -510,7 +510,7 @@ def paper_table(df: pd.DataFrame) -> str:
         f"Test accuracy (%), mean ± std over seeds, {rate_txt}; the paper's number in brackets. "
         "Each cell's score is its dev-selected trial.",
         "",
-        f"Ours use the configured teacher ({teacher}; MiniLM-L6 by default, not BERT-base) and a student built from "
+        f"Ours use the configured teacher ({teacher}, not BERT-base) and a student built from "
         "it; the paper's numbers are for a BERT-base teacher and a TinyBERT 4L-312D student (Pan et al. 2021, §6 "
         "of the method doc)" + (", MNLI: means only" if dataset == "mnli" else "") + ". Teacher rows are the paper's.",
     ]
