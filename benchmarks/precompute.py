@@ -138,13 +138,16 @@ def main(argv=None) -> int:
         res["plain"] = [plain_loop(table, tdir, Path(tmp) / "plain0", layers, args.batch, rows_per_block)]
         print(f"plain: {res['plain'][0]:.1f}s", flush=True)
         peaks.append(matmul_peak())
-        for name, (actors, cpus, threads) in layouts.items():
-            res[name] = run_teacher_job(table, TeacherLocation(str(tdir)), storage, (name,), layers=layers,
-                                        qk_layers=(), precision="float16", actors=actors, cpus_per_actor=cpus,
-                                        threads_per_actor=threads, batch_size=args.batch,
-                                        rows_per_block=rows_per_block)
-            print(f"ray {name}: {res[name]:.1f}s", flush=True)
+        runs: dict[str, list[float]] = {name: [] for name in layouts}
+        for name in [*layouts, *layouts]:  # each layout twice, interleaved; the best run of each counts (as plain)
+            actors, cpus, threads = layouts[name]
+            runs[name].append(run_teacher_job(table, TeacherLocation(str(tdir)), storage, (name,), layers=layers,
+                                              qk_layers=(), precision="float16", actors=actors, cpus_per_actor=cpus,
+                                              threads_per_actor=threads, batch_size=args.batch,
+                                              rows_per_block=rows_per_block))
+            print(f"ray {name}: {runs[name][-1]:.1f}s", flush=True)
             peaks.append(matmul_peak())
+        res.update({name: min(times) for name, times in runs.items()})
         res["plain"].append(plain_loop(table, tdir, Path(tmp) / "plain1", layers, args.batch, rows_per_block))
         print(f"plain again: {res['plain'][1]:.1f}s", flush=True)
         peaks.append(matmul_peak())
@@ -159,7 +162,7 @@ def main(argv=None) -> int:
     out = dict(
         ratio=ratio, target=0.9, peak_fraction=peak_fraction, peak_fraction_target=0.6,
         plain_peak_fraction=flops / plain / peak, best_layout=best,
-        timings=dict(plain=res["plain"], **{k: res[k] for k in layouts}), flops=flops, peak_flops=peak, peak_flops_samples=peaks,
+        timings=dict(plain=res["plain"], **runs), flops=flops, peak_flops=peak, peak_flops_samples=peaks,
         examples=args.examples, real_tokens=int(lengths.sum()), mean_tokens=float(lengths.mean()),
         batch=args.batch, rows_per_block=rows_per_block,
         flop_formula="per layer: 2t(4d^2+2df) + 4t^2 d over real tokens; + 2d(c+2d+k) per sequence",

@@ -295,6 +295,10 @@ class TeacherPass:
         torch.set_num_threads(max(1, int(threads)))
         with Storage(teacher_root).local_copy(*teacher_parts) as d:
             self.model = load_task_model(d).eval()
+        # No attention maps are read here (scores are rebuilt from stored layer inputs, or Q/K are hooked), so the
+        # fused kernel can replace the eager attention the training code needs.
+        if hasattr(self.model.encoder, "set_attn_implementation"):
+            self.model.encoder.set_attn_implementation("sdpa")
         self.layers, self.qk_layers, self.precision = layers, qk_layers, precision
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
