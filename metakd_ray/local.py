@@ -61,7 +61,9 @@ def prepare_cell(cfg: C.Config, splits: D.Splits, tokenizer: Any, encoder: nn.Mo
     domains = splits.domains
     tok = tokenize_splits(cfg, tokenizer, train=training_pool(cfg, splits, target, rate, seed), dev=splits["dev"],
                           test=splits["test"])
-    scores = pool_prototype_scores(encoder, tok["train"], D.collator(tokenizer), cfg, len(domains), splits.num_labels)
+    excluded = domains.index(target) if cfg.teacher.exclude_target and kind not in ("single", "none") else None
+    scores = pool_prototype_scores(encoder, tok["train"], D.collator(tokenizer), cfg, len(domains), splits.num_labels,
+                                   excluded_domain=excluded)
     tok["train"] = with_prototype_scores(tok["train"], scores.tolist())
     for name in ("dev", "test"):  # not used for training; zeros keep batches uniform
         tok[name] = with_prototype_scores(tok[name], None)

@@ -75,22 +75,38 @@ def compute_prototype_scores(
     num_domains: int,
     num_classes: int,
     tcfg: TeacherConfig,
+    excluded_domain: int | None = None,
 ) -> torch.Tensor:
     """Prototype scores t (n,) for one training set: prototypes from the same set (per (domain, class) or per
-    domain as ``teacher.prototypes`` says), then t_i with ``teacher.alpha``."""
+    domain as ``teacher.prototypes`` says), then t_i with ``teacher.alpha``.
+
+    ``excluded_domain`` (the no-in-domain-data variant): the rows of the other domains — the teacher's training
+    rows — are scored against the other domains' prototypes only (K-1 domains), so nothing of the excluded domain
+    reaches the teacher; the excluded domain's own rows (used only by its student, which has that data) are scored
+    against all K."""
     protos = losses.class_prototypes(features, labels, domain_ids, num_domains, num_classes, mode=tcfg.prototypes)
-    return losses.prototype_scores(features, labels, domain_ids, protos, alpha=tcfg.alpha, mode=tcfg.score_formula)
+    scores = losses.prototype_scores(features, labels, domain_ids, protos, alpha=tcfg.alpha, mode=tcfg.score_formula)
+    if excluded_domain is None:
+        return scores
+    keep = domain_ids != excluded_domain
+    kept_ids = domain_ids[keep] - (domain_ids[keep] > excluded_domain).long()  # renumber 0..K-2
+    protos = losses.class_prototypes(features[keep], labels[keep], kept_ids, num_domains - 1, num_classes,
+                                     mode=tcfg.prototypes)
+    scores[keep] = losses.prototype_scores(features[keep], labels[keep], kept_ids, protos, alpha=tcfg.alpha,
+                                           mode=tcfg.score_formula)
+    return scores
 
 
 def pool_prototype_scores(encoder: nn.Module, pool: datasets.Dataset, collate: Callable, cfg: C.Config,
-                          num_domains: int, num_labels: int) -> torch.Tensor:
-    """Prototype scores (n,) of a tokenised training pool, in row order, from the frozen pre-trained ``encoder``."""
+                          num_domains: int, num_labels: int, excluded_domain: int | None = None) -> torch.Tensor:
+    """Prototype scores (n,) of a tokenised training pool, in row order, from the frozen pre-trained ``encoder``
+    (``excluded_domain``: see ``compute_prototype_scores``)."""
     from metakd_ray.cells import loader
 
     feats = pooled_features(encoder, loader(pool, collate, EVAL_BATCH_SIZE, shuffle=False), cfg.model.pooling)
     labels = torch.tensor(D.column(pool, "label"))
     domain_ids = torch.tensor(D.column(pool, "domain_id"))
-    return compute_prototype_scores(feats, labels, domain_ids, num_domains, num_labels, cfg.teacher)
+    return compute_prototype_scores(feats, labels, domain_ids, num_domains, num_labels, cfg.teacher, excluded_domain)
 
 
 PROTOTYPE_FILE = "prototype_scores.parquet"
@@ -195,7 +211,7 @@ def train_teacher(
 # ----------------------------------------------------------------------------------------------------------
 
 # Bump when a code change alters what a teacher learns from the same config: every key changes, nothing is reused.
-TEACHER_FORMAT = 1
+TEACHER_FORMAT = 2  # 2: no-in-domain teachers score their rows without the target domain
 
 
 @dataclass(frozen=True)

@@ -276,7 +276,10 @@ def make_teacher(cfg: C.Config, spec: TeacherSpec, storage: Storage, *, inputs: 
     if not storage.is_file("teachers", spec.key, PROTOTYPE_FILE):
         pool = cells.tokenize_splits(cfg, driver.tokenizer,
                                      pool=cells.training_pool(cfg, splits, spec.target, spec.rate, spec.seed))["pool"]
-        scores = pool_prototype_scores(driver.encoder, pool, collate, cfg, len(domains), splits.num_labels)
+        excluded = (domains.index(spec.target) if cfg.teacher.exclude_target and spec.kind != "single"
+                    and spec.target else None)
+        scores = pool_prototype_scores(driver.encoder, pool, collate, cfg, len(domains), splits.num_labels,
+                                       excluded_domain=excluded)
         write_prototype_scores(storage, spec.key, D.column(pool, "id"), scores)
         say({"teacher": spec.key, "event": "prototype_scores", "rows": len(pool)})
     t1 = time.time()

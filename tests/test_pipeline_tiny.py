@@ -66,3 +66,24 @@ def test_rerun_resumes_from_checkpoints_without_retraining(tmp_path):
                   log=second.append, **kw)
     assert len(first) == 4 + 3 + 3 and second == []  # every stage was complete: nothing trained again
     assert r2["student_test"] == r1["student_test"] and r2["teacher_test"] == r1["teacher_test"]
+
+
+def test_no_in_domain_teacher_scores_ignore_the_target_domain():
+    """exclude_target: the teacher's rows are scored without the target domain's prototypes."""
+    from metakd_ray.teacher import compute_prototype_scores
+
+    g = torch.Generator().manual_seed(0)
+    n, k, c = 60, 3, 2
+    feats = torch.randn(n, 8, generator=g)
+    labels = torch.arange(n) % c
+    doms = (torch.arange(n) // c) % k
+    tcfg = C.TeacherConfig()
+    base = compute_prototype_scores(feats, labels, doms, k, c, tcfg, excluded_domain=1)
+    moved = feats.clone()
+    moved[doms == 1] += 5 * torch.randn(int((doms == 1).sum()), 8, generator=g)  # change only the target's data
+    again = compute_prototype_scores(moved, labels, doms, k, c, tcfg, excluded_domain=1)
+    assert torch.allclose(base[doms != 1], again[doms != 1])
+    assert not torch.allclose(base[doms == 1], again[doms == 1])
+    full = compute_prototype_scores(feats, labels, doms, k, c, tcfg)
+    assert torch.allclose(base[doms == 1], full[doms == 1])  # the target's own rows: scored against all domains
+    assert not torch.allclose(base[doms != 1], full[doms != 1])
