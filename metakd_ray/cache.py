@@ -336,9 +336,10 @@ class TeacherPass:
         if "prototype_score" in batch:
             cols["prototype_score"] = pa.array(np.asarray(batch["prototype_score"], dtype=np.float32), pa.float32())
 
+        real = mask.bool()
+
         def cells(x: torch.Tensor) -> pa.Array:  # (b, t, d) -> one cell per example, real tokens only
-            x = x.float().numpy()
-            return pa.array([encode_matrix(x[i, :n], self.precision) for i, n in enumerate(lens)], pa.large_binary())
+            return encode_cells(x, real, lens, self.precision)
 
         for layer in self.layers:
             cols[f"hidden_{layer}"] = cells(hs[layer])
@@ -346,6 +347,22 @@ class TeacherPass:
             cols[f"query_{layer}"] = cells(qk[(layer - 1, "query")])
             cols[f"key_{layer}"] = cells(qk[(layer - 1, "key")])
         return pa.table(cols)
+
+
+def encode_cells(x: Any, real: Any, lens: np.ndarray, precision: str) -> pa.Array:
+    """(b, t, d) tensor -> a ``large_binary`` array of b cells, cell i = ``encode_matrix(x[i, :lens[i]])``.
+    float16 is converted in one tensor op and handed to Arrow as one buffer (no per-example copies): the boolean
+    mask ``real`` (b, t) selects the real tokens in row-major order, i.e. example by example."""
+    import torch
+
+    if precision != "float16" or sys.byteorder != "little":
+        xs = x.float().numpy()
+        return pa.array([encode_matrix(xs[i, :n], precision) for i, n in enumerate(lens)], pa.large_binary())
+    flat = x.to(torch.float16)[real].contiguous().numpy()  # (sum of lens, d)
+    offsets = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(np.asarray(lens, dtype=np.int64) * x.shape[-1] * 2, out=offsets[1:])
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(lens),
+                                            [None, pa.py_buffer(offsets), pa.py_buffer(flat)])
 
 
 def init_ray(cfg: Any) -> None:
@@ -513,7 +530,8 @@ def ensure_cache(cfg: Any, storage: Storage | None, teacher: str | os.PathLike, 
                  split: str = "train", tokenizer: Any = None, max_length: int | None = None,
                  precision: str = "float16", attention: str = "inputs", batch_size: int = 32,
                  rows_per_block: int | None = None, threads_per_actor: int | None = None,
-                 compression: str = "zstd", max_total_bytes: float | None = None) -> CacheRef:
+                 compression: str = "zstd", max_total_bytes: float | None = None,
+                 keep: Sequence[str] = ()) -> CacheRef:
     """The verified cache of ``teacher`` on ``split_dataset`` (one domain's tokenised split, with ids): found by its
     fingerprint, or built with one Ray Data job (``cfg.ray.cache_actors`` actors x ``cfg.ray.cpus_per_actor``).
 
@@ -522,7 +540,8 @@ def ensure_cache(cfg: Any, storage: Storage | None, teacher: str | os.PathLike, 
     ``tokenizer``: hashed into the fingerprint when the teacher's ``encoder/`` holds no tokenizer files (those
     win); the token ids themselves are hashed too.
     ``max_length``: default ``cfg.data.max_length``. ``max_total_bytes``: evict least recently used other caches
-    beyond this total (see the module docstring for the 12 GB sweep budget).
+    (never those in ``keep``) so that the total stays within it — before a build, room is made for the new cache's
+    estimated size (see the module docstring for the 12 GB sweep budget).
     """
     storage = storage or Storage(cfg.storage.root)
     if precision not in PRECISIONS or attention not in ATTENTION_MODES:
@@ -549,13 +568,18 @@ def ensure_cache(cfg: Any, storage: Storage | None, teacher: str | os.PathLike, 
             _touch(storage, fp)
             log.info("cache %s: hit (%d examples), nothing recomputed", storage.uri(CACHES, fp), len(ids))
             if max_total_bytes is not None:
-                prune(storage, max_total_bytes, keep=(fp,))
+                prune(storage, max_total_bytes, keep=(fp, *keep))
             return CacheRef(storage.uri(), fp, manifest, built=False)
         except CacheError as e:
             log.warning("%s; rebuilding it", e)
 
     import ray
 
+    if max_total_bytes is not None:  # make room first, so the total never passes the budget
+        enc = json.loads(loc.storage().read_bytes(*loc.parts, "encoder", "config.json"))
+        need = estimate_bytes(pc.list_value_length(table["input_ids"]).to_numpy(), len(layers) + 2 * len(qk_layers),
+                              int(enc["hidden_size"]), precision)
+        prune(storage, max_total_bytes - need, keep=(fp, *keep))
     if not ray.is_initialized():
         init_ray(cfg)
     staging = (CACHES, f".staging-{fp}-{uuid.uuid4().hex[:8]}")
@@ -596,8 +620,16 @@ def ensure_cache(cfg: Any, storage: Storage | None, teacher: str | os.PathLike, 
     log.info("cache %s: built %d examples in %.1f s (%.0f KB/example)", storage.uri(CACHES, fp), len(ids), seconds,
              total / max(len(ids), 1) / 1e3)
     if max_total_bytes is not None:
-        prune(storage, max_total_bytes, keep=(fp,))
+        prune(storage, max_total_bytes, keep=(fp, *keep))
     return CacheRef(storage.uri(), fp, verify(fp, storage), built=True)
+
+
+def estimate_bytes(lengths: Sequence[int] | np.ndarray, matrices: int, hidden: int, precision: str = "float16") -> int:
+    """Upper estimate of a cache's size on disk before it is built: ``matrices`` stored (t, hidden) matrices per
+    example (``len(stored_layers) + 2 * len(qk_layers)``) at each example's real length, plus 1 KB per example for the
+    small fields (logits, h_d, id, t_i, n_tokens). Parquet's zstd only makes the files smaller (0.93x measured)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return int(sum(matrices * matrix_bytes(int(t), hidden, precision) for t in lengths) + 1024 * len(lengths))
 
 
 # ----------------------------------------------------------------------------------------------------------

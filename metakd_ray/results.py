@@ -3,13 +3,16 @@ data-scarcity curve, the paper's table and the gamma2 curve.
 
 A sweep directory (``<storage.root>/sweeps/<name>/``) holds::
 
-    tune/                      the Ray Tune experiment
+    tune/                      the Ray Tune experiment (tune-2/, tune-3/, ...: one per further wave of cells when
+                               the caches exceed storage.cache_max_gb; read as one)
       experiment_state-*.json  Tune's snapshot: trial_data = [[trial JSON, runtime JSON], ...] (status, error file)
       <trial id>/params.json   the trial config: domain, rate, method, seed, gamma2, cell, hp{...}
       <trial id>/result.json   JSON lines, one per tune.report; the last of a finished trial has phase "final"
       <trial id>/error.txt     "Failure # n" blocks, one per failed attempt (it stays after a successful retry)
     config.yaml                the resolved config of the sweep (dataset, teacher, exclude_target for the table)
-    plan.json                  {"cells": [{cell, domain, rate, method, seed, gamma2}, ...], "trials_per_cell": n}
+    plan.json                  {"cells": [{cell, domain, rate, method, seed, gamma2, teacher_key, cache_key}, ...],
+                                "trials_per_cell": n, "waves": [{experiment, cells, done}, ...]}
+    trial_states/<trial id>.pt the training state each trial resumes from (small once the trial is finished)
     costs.json                 {"teachers": {key: {wall_s, cpu_s, gpu_s, cells}}, "caches": {...}}
     report/                    written by report(): results.csv, cells.csv, scarcity.png, table.md, gamma2.png
 
@@ -84,6 +87,15 @@ def _open(path: Any) -> tuple[Storage, str]:
             return Storage(st.uri().rstrip("/").rsplit("/", 1)[0]), name
         return Storage(posixpath.dirname(st.base), st.fs), name
     return st, "tune"
+
+
+def _experiments(st: Storage, tune: str) -> list[str]:
+    """The Tune experiments of a sweep dir: ``tune``, then ``tune-2``, ``tune-3``, ... (one per wave of cells, when
+    the caches did not fit the disk budget at once); just ``tune`` when that is what was asked for."""
+    if tune != "tune" or not st.exists("tune"):
+        return [tune]
+    waves = [n for n in st.listdir() if re.fullmatch(r"tune-\d+", n)]
+    return ["tune", *sorted(waves, key=lambda n: int(n.split("-")[1]))]
 
 
 def _read_json(st: Storage, *parts: str) -> Any:
@@ -174,6 +186,7 @@ def _trial_row(st: Storage, tune: str, name: str, state: dict | None) -> dict:
         # A trial that never reached its final report still used the CPU: Tune's own clock is its wall time.
         "wall_s": src.get("wall_s", last.get("time_total_s")), "cpu_s": src.get("cpu_s"), "gpu_s": src.get("gpu_s"),
         "teacher_key": src.get("teacher_key") or "", "cache_key": src.get("cache_key") or "",
+        "teacher_source": src.get("teacher_source") or "",
         "start_time": start,
     }
     for k, v in (params.get("hp") or {}).items():
@@ -207,16 +220,19 @@ def load_results(path: Any) -> pd.DataFrame:
     Columns: the cell keys (cell, domain, rate, method, seed, gamma2), trial_id, status (Tune's TERMINATED /
     ERROR / RUNNING / PENDING; a final report means TERMINATED even after a failed attempt), error (the exception
     line of the last failure of an ERROR trial, else ""), n_failures, phase, epoch, dev_acc, test_acc (NaN until
-    the final report), n_train, wall_s, cpu_s, gpu_s, teacher_key, cache_key, start_time (UTC), the shared costs
+    the final report), n_train, wall_s, cpu_s, gpu_s, teacher_key, cache_key, teacher_source (cache / live / ""),
+    start_time (UTC), the shared costs
     teacher_{wall,cpu,gpu}_s and cache_{wall,cpu,gpu}_s, and hp_<name> per hyper-parameter.
     ``df.attrs`` holds ``plan`` (plan.json or None), ``config`` (config.yaml as a dict, or None), ``costs`` and
     ``unattributed`` (shared cost on no row).
     """
     st, tune = _open(path)
-    state = _tune_state(st, tune)
-    names = [n for n in st.listdir(tune) if st.is_file(tune, n, "params.json") or n in state]
-    names += [n for n in state if n not in names]
-    rows = [_trial_row(st, tune, n, state.get(n)) for n in names]
+    rows = []
+    for exp in _experiments(st, tune):
+        state = _tune_state(st, exp)
+        names = [n for n in st.listdir(exp) if st.is_file(exp, n, "params.json") or n in state]
+        names += [n for n in state if n not in names]
+        rows += [_trial_row(st, exp, n, state.get(n)) for n in names]
     df = pd.DataFrame(rows, columns=list(rows[0]) if rows else [*CELL_KEYS, "trial_id", "status", "error"])
     for c in ("dev_acc", "test_acc", "wall_s", "cpu_s", "gpu_s", "rate", "gamma2"):
         if c not in df:

@@ -106,7 +106,8 @@ class GridOfStudiesSearcher(Searcher):
                 self.issued[cell["cell"]] += 1
                 self.trial_cell[trial_id] = cell["cell"]
                 hp = self._study(i).suggest(trial_id) or {}
-                return {**cell, "hp": hp}
+                # slot: this trial's index in its cell; with the cell and hp it names the trial's saved state
+                return {**cell, "hp": hp, "slot": self.issued[cell["cell"]] - 1}
         return Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from ray.tune import Callback
@@ -33,9 +33,9 @@ class EtaCallback(Callback):
         self.on_trial_complete(iteration, trials, trial, **info)
 
 
-def run_trials(cfg: C.Config, cells: list[dict], storage: Storage) -> Any:
-    """The Tune stage: one experiment ``sweeps/<name>/tune``, restored when it exists (finished trials are kept,
-    unfinished ones resume from their checkpoints, failed ones stay failed)."""
+def run_trials(cfg: C.Config, cells: list[dict], storage: Storage, experiment: str = "tune") -> Any:
+    """The Tune stage of ``cells``: one experiment ``sweeps/<name>/<experiment>``, restored when it exists (finished
+    trials are kept, unfinished ones resume from their last epoch, failed ones stay failed)."""
     from ray import tune
 
     from metakd_ray.search import GridOfStudiesSearcher
@@ -46,7 +46,7 @@ def run_trials(cfg: C.Config, cells: list[dict], storage: Storage) -> Any:
         resources["gpu"] = 1
     trainable = tune.with_resources(run_trial, resources)
     exp_root = storage.uri("sweeps", cfg.name)
-    exp_path = storage.uri("sweeps", cfg.name, "tune")
+    exp_path = storage.uri("sweeps", cfg.name, experiment)
     total = len(cells) * cfg.sweep.trials_per_cell
     if tune.Tuner.can_restore(exp_path):
         print(f"[sweep] resuming the trials of {exp_path}", flush=True)
@@ -63,9 +63,8 @@ def run_trials(cfg: C.Config, cells: list[dict], storage: Storage) -> Any:
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, num_samples=total,
                                         max_concurrent_trials=cfg.ray.max_concurrent_trials or None,
                                         reuse_actors=True, trial_dirname_creator=lambda t: t.trial_id),
-            run_config=tune.RunConfig(name="tune", storage_path=exp_root, verbose=1,
+            run_config=tune.RunConfig(name=experiment, storage_path=exp_root, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                       callbacks=[EtaCallback(total)]),
         )
     return tuner.fit()
@@ -116,7 +115,13 @@ def absolute_paths(cfg: C.Config) -> C.Config:
 
 
 def run(cfg: C.Config) -> int:
-    """The whole sweep; returns the exit status."""
+    """The whole sweep; returns the exit status.
+
+    Teachers first (Ray Train), then the cells in *waves*: a wave's caches (Ray Data) are built, then its trials run
+    (one Tune experiment per wave: ``tune``, ``tune-2``, ...). One wave holds as many consecutive cells as their
+    caches' estimated size allows under ``storage.cache_max_gb`` (all of them when everything fits, the usual case),
+    so the caches on disk never pass the budget and no trial has to run its teacher live because its cache was
+    evicted. The partition is fixed by the first run (``plan.json``); a rerun skips the waves that finished."""
     cfg = absolute_paths(cfg)
     import datasets
 
@@ -128,13 +133,38 @@ def run(cfg: C.Config) -> int:
     check_same_sweep(cfg, storage)
     storage.write_bytes(C.to_yaml(cfg).encode(), "sweeps", cfg.name, "config.yaml")
     connect_ray(cfg)
-    costs = build_artefacts(cfg, p, storage)  # fills the cells' teacher and cache keys
-    storage.write_json(p, "sweeps", cfg.name, "plan.json")
-    storage.write_json(costs, "sweeps", cfg.name, "costs.json")
-    run_trials(cfg, p["cells"], storage)
-    from metakd_ray.results import report
-
-    from metakd_ray.results import cells, load_results
+    costs = build_teachers(cfg, p, storage)
+    groups = cache_groups(cfg, p, storage)
+    budget = cfg.storage.cache_max_gb * 1e9 if cfg.storage.cache_max_gb > 0 else None
+    prev_plan = _read_json(storage, "sweeps", cfg.name, "plan.json") or {}
+    prev_costs = _read_json(storage, "sweeps", cfg.name, "costs.json") or {}
+    p["waves"] = prev_plan.get("waves") or plan_waves(p["cells"], groups, budget)
+    if len(p["waves"]) > 1:
+        est = sum(g.est_bytes for g in groups.values()) / 1e9
+        print(f"[sweep] the caches ({est:.1f} GB estimated) exceed storage.cache_max_gb={cfg.storage.cache_max_gb:g}: "
+              f"{len(p['waves'])} waves of caches then trials", flush=True)
+    by_id = {c["cell"]: c for c in p["cells"]}
+    old_cells = {c["cell"]: c for c in prev_plan.get("cells", [])}
+    for n, wave in enumerate(p["waves"], 1):
+        label = f"wave {n}/{len(p['waves'])}" if len(p["waves"]) > 1 else "all cells"
+        cells = [by_id[cid] for cid in wave["cells"]]
+        if wave.get("done"):  # finished in an earlier run: its caches may be gone, its results are not
+            for c in cells:
+                c["cache_key"] = old_cells.get(c["cell"], {}).get("cache_key")
+                if c["cache_key"] in prev_costs.get("caches", {}):
+                    costs["caches"][c["cache_key"]] = prev_costs["caches"][c["cache_key"]]
+            print(f"[sweep] {label}: finished in an earlier run ({len(cells)} cells)", flush=True)
+            continue
+        wave_groups = [g for g in groups.values() if g.cells[0]["cell"] in wave["cells"]]
+        build_caches(cfg, wave_groups, storage, costs, budget, label)
+        storage.write_json(p, "sweeps", cfg.name, "plan.json")
+        storage.write_json(costs, "sweeps", cfg.name, "costs.json")
+        if len(p["waves"]) > 1:
+            print(f"[sweep] {label}: {len(cells)} cells", flush=True)
+        run_trials(cfg, cells, storage, experiment=wave["experiment"])
+        wave["done"] = True
+        storage.write_json(p, "sweeps", cfg.name, "plan.json")
+    from metakd_ray.results import cells, load_results, report
 
     paths = report(storage.uri("sweeps", cfg.name))
     print("[sweep] report:")
@@ -148,16 +178,48 @@ def run(cfg: C.Config) -> int:
     return 1 if len(failed) else 0
 
 
+def _read_json(storage: Storage, *parts: str) -> Any:
+    return storage.read_json(*parts) if storage.is_file(*parts) else None
+
+
+def experiment_name(wave: int) -> str:
+    """The Tune experiment of wave ``wave`` (1-based) under ``sweeps/<name>/``: ``tune``, ``tune-2``, ..."""
+    return "tune" if wave == 1 else f"tune-{wave}"
+
+
+def plan_waves(cells: list[dict], groups: dict[tuple, CacheGroup], budget: float | None) -> list[dict]:
+    """Consecutive cells (plan order) in waves whose caches' estimated bytes sum to at most ``budget``; a cache
+    larger than the budget alone gets a wave of its own. Cells without a cache join the wave they fall in."""
+    group_of = {c["cell"]: k for k, g in groups.items() for c in g.cells}
+    waves: list[list[str]] = [[]]
+    used, seen = 0, set()
+    for c in cells:
+        k = group_of.get(c["cell"])
+        if k is not None and k not in seen:
+            size = groups[k].est_bytes
+            if budget is not None and used and used + size > budget:
+                waves.append([])
+                used = 0
+            used += size
+            seen.add(k)
+        waves[-1].append(c["cell"])
+    return [{"experiment": experiment_name(n), "cells": w, "done": False} for n, w in enumerate(waves, 1)]
+
+
 def build_artefacts(cfg: C.Config, p: dict, storage: Storage) -> dict:
-    """Teachers (Ray Train), then the teacher-output caches (Ray Data) of every cell that needs them; fills each
-    cell's ``teacher_key`` and ``cache_key`` and returns the costs (``costs.json``): per teacher and per cache, its
-    wall/CPU/GPU seconds and the cells using it. Everything that exists already (same key or fingerprint) is
-    reused; its recorded cost is kept."""
-    from metakd_ray import cache as K
-    from metakd_ray import data as D
-    from metakd_ray import models as M
+    """Every teacher, then every cache (one wave, whatever the budget): fills each cell's ``teacher_key`` and
+    ``cache_key`` and returns the costs (see :func:`build_teachers`, :func:`build_caches`)."""
+    costs = build_teachers(cfg, p, storage)
+    budget = cfg.storage.cache_max_gb * 1e9 if cfg.storage.cache_max_gb > 0 else None
+    build_caches(cfg, list(cache_groups(cfg, p, storage).values()), storage, costs, budget, "all cells")
+    return costs
+
+
+def build_teachers(cfg: C.Config, p: dict, storage: Storage) -> dict:
+    """The teachers of every cell (Ray Train), fills each cell's ``teacher_key``, and returns the costs
+    (``costs.json``): per teacher its wall/CPU/GPU seconds and the cells using it (``caches`` filled later). A teacher
+    that exists already (same key) is reused; its recorded cost is kept."""
     from metakd_ray import teacher as T
-    from metakd_ray.trial import student_data
 
     costs: dict = {"teachers": {}, "caches": {}}
     gpu = 1.0 if cfg.ray.use_gpu else 0.0
@@ -173,36 +235,79 @@ def build_artefacts(cfg: C.Config, p: dict, storage: Storage) -> dict:
         wall = float(m.get("seconds", {}).get("total", 0.0))
         costs["teachers"][key] = {"wall_s": wall, "cpu_s": float(m.get("cpu_seconds", 0.0)),
                                   "gpu_s": wall * gpu * max(cfg.ray.train_workers, 1), "cells": cells_using}
-    if not users:
-        return costs
+    return costs
+
+
+@dataclass
+class CacheGroup:
+    """The cells served by one cache: same teacher, target domain, rate and seed (so the same training data)."""
+
+    teacher_key: str
+    domain: str
+    cells: list[dict]
+    data: Any  # the target's tokenised training set, with prototype scores
+    scores: dict[str, float] | None  # t_i by id, stored in the cache for a meta teacher
+    layer_map: tuple[int, ...]
+    est_bytes: int
+
+
+def cache_groups(cfg: C.Config, p: dict, storage: Storage) -> dict[tuple, CacheGroup]:
+    """The caches the cells need, keyed (teacher key, domain, rate, seed), with their estimated sizes; none when
+    the distillation options need the teacher run live. Teachers must exist (:func:`build_teachers`)."""
+    from metakd_ray import cache as K
+    from metakd_ray import data as D
+    from metakd_ray import models as M
+    from metakd_ray import teacher as T
+    from metakd_ray.cache_format import stored_layers
+    from metakd_ray.trial import student_data
+
+    if not any(c.get("teacher_key") for c in p["cells"]):
+        return {}
     if cfg.distill.teacher_dropout or cfg.distill.include_padding:
         # A cache holds the eval-mode teacher on real tokens only; these options need the teacher run live.
         print("[sweep] distill.teacher_dropout / include_padding: no caches, trials run the teacher live", flush=True)
-        return costs
+        return {}
+    specs = {t.key: t for t in T.teacher_specs_for(cfg)}
     splits = D.load_splits(cfg.data)
     _, tokenizer = M.load_encoder(cfg.model.teacher)
-    budget = cfg.storage.cache_max_gb * 1e9 if cfg.storage.cache_max_gb > 0 else None
-    groups: dict[tuple, list[dict]] = {}
+    cells_of: dict[tuple, list[dict]] = {}
     for c in p["cells"]:
         if c.get("teacher_key"):
-            groups.setdefault((c["teacher_key"], c["domain"], c["rate"], c["seed"]), []).append(c)
-    for n, ((key, domain, rate, seed), group) in enumerate(groups.items(), 1):
+            cells_of.setdefault((c["teacher_key"], c["domain"], c["rate"], c["seed"]), []).append(c)
+    groups = {}
+    for (key, domain, rate, seed), cells in cells_of.items():
         scores = T.read_prototype_scores(storage, key)
         data = student_data(cfg, splits, tokenizer, domain, rate, seed, scores)
         enc_cfg = storage.read_json("teachers", key, "model", "encoder", "config.json")
         gmap = K.student_layer_map(cfg, int(enc_cfg["num_hidden_layers"]))
-        meta = specs[key].kind == "meta"
-        print(f"[sweep] cache {n}/{len(groups)}: {key} on {domain} ({len(data.train)} examples)", flush=True)
-        ref = K.ensure_cache(cfg, storage, key, domain, data.train, gmap, prototype_scores=scores if meta else None,
-                             max_total_bytes=budget)
-        for c in group:
+        lengths = [len(x) for x in data.train["input_ids"]]
+        est = K.estimate_bytes(lengths, len(stored_layers(gmap)), int(enc_cfg["hidden_size"]))
+        groups[(key, domain, rate, seed)] = CacheGroup(key, domain, cells, data.train,
+                                                       scores if specs[key].kind == "meta" else None, gmap, est)
+    return groups
+
+
+def build_caches(cfg: C.Config, groups: list[CacheGroup], storage: Storage, costs: dict, budget: float | None,
+                 label: str) -> None:
+    """The caches of ``groups`` (Ray Data; verified ones are reused), each cell's ``cache_key`` filled and the costs
+    added to ``costs["caches"]``: per cache its wall/CPU/GPU seconds and the cells using it. Older caches are evicted
+    (least recently used first, never one of ``groups``) to keep ``caches/`` within ``budget``."""
+    from metakd_ray import cache as K
+
+    built: list[str] = []
+    for n, g in enumerate(groups, 1):
+        print(f"[sweep] cache {n}/{len(groups)} ({label}): {g.teacher_key} on {g.domain} ({len(g.data)} examples)",
+              flush=True)
+        ref = K.ensure_cache(cfg, storage, g.teacher_key, g.domain, g.data, g.layer_map, prototype_scores=g.scores,
+                             max_total_bytes=budget, keep=built)
+        built.append(ref.fingerprint)
+        for c in g.cells:
             c["cache_key"] = ref.fingerprint
-        build = float(ref.manifest.get("build_seconds", 0.0))
+        seconds = float(ref.manifest.get("build_seconds", 0.0))
         entry = costs["caches"].setdefault(ref.fingerprint, {
-            "wall_s": build, "cpu_s": build * cfg.ray.cache_actors * cfg.ray.cpus_per_actor, "gpu_s": 0.0,
+            "wall_s": seconds, "cpu_s": seconds * cfg.ray.cache_actors * cfg.ray.cpus_per_actor, "gpu_s": 0.0,
             "cells": []})
-        entry["cells"] += [c["cell"] for c in group]
-    return costs
+        entry["cells"] += [c["cell"] for c in g.cells]
 
 
 def _show(event: dict) -> None:

@@ -3,25 +3,28 @@
 The trial reads everything from storage — the cell's teacher outputs from the Ray Data cache (or the exported
 teacher, when the cell has no cache), the prototype scores, the data from the data root — never through the object
 store. It runs ``distill.distill`` unchanged, with a checkpointer that reports every epoch to Tune together with the
-full training state, so a trial that fails is retried from its last epoch. Reported metrics (the contract
+full training state saved first (``TrialStateStore``), so a trial that fails, or whose sweep driver is killed, resumes
+from its last epoch. Reported metrics (the contract
 ``metakd_ray.results`` reads):
 
 - every report: ``dev_acc`` (best target-domain dev accuracy so far of the dev-selected stage; 0.0 before it),
   ``phase`` (stage name), ``epoch``;
 - the last report: ``phase: "final"``, ``test_acc`` (target-domain test accuracy of the dev-best student),
-  ``dev_acc``, ``wall_s``, ``cpu_s``, ``gpu_s``, ``n_train``, ``teacher_key``, ``cache_key``.
+  ``dev_acc``, ``wall_s``, ``cpu_s``, ``gpu_s``, ``n_train``, ``teacher_key``, ``cache_key``, ``teacher_source``
+  (``cache``, ``live`` when the cache was missing or unusable, ``""`` without a teacher).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import io
+import json
 import os
 import resource
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,12 +71,59 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-class TuneCheckpointer:
-    """The ``Checkpointer`` of one distillation stage inside a Tune trial: the state of every stage so far lives
-    in one Tune checkpoint (``state.pt``), reported together with the epoch's metrics."""
+class TrialStateStore:
+    """The training state of one trial, kept by the trial itself in ``<storage>/sweeps/<sweep>/trial_states/
+    <key>.pt`` and overwritten atomically after every epoch (at the end: a small record of the final report).
 
-    def __init__(self, shared: dict, stage: str, selecting: bool):
-        self.shared, self.stage, self.selecting = shared, stage, selecting
+    Not a Tune checkpoint, on purpose: Tune deletes a trial's older checkpoints (``num_to_keep``) as soon as the driver
+    registers a newer one, while the experiment state a restored sweep starts from is snapshotted only every >= 10 s.
+    A driver killed in between restores a trial from a checkpoint that no longer exists, and Tune errors the trial
+    ("Could not recover from checkpoint as it does not exist on storage anymore"). Here the one state there is, is
+    the newest: Tune restarts an unfinished or failed trial and the trial resumes from it.
+
+    The key is the trial's content — cell, slot (its index in the cell) and hyper-parameters — not Tune's trial id:
+    a trial started after the last snapshot is unknown to the restored experiment, whose restored searcher suggests
+    it again under a new id; that trial then finds the work already done."""
+
+    def __init__(self, trial_config: dict, trial_id: str):
+        from metakd_ray.storage import Storage
+
+        self.storage = Storage(trial_config["storage_root"])
+        self.sweep, self.trial_id = trial_config["sweep"], trial_id
+        self.key = self.state_key(trial_config)
+        self.parts = ("sweeps", self.sweep, "trial_states", f"{self.key}.pt")
+
+    @staticmethod
+    def state_key(trial_config: dict) -> str:
+        what = {k: trial_config.get(k) for k in ("cell", "slot", "hp")}
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    def load(self) -> dict:
+        if not self.storage.is_file(*self.parts):
+            return {"states": {}, "best_dev": float("-inf"), "final": None}
+        st = torch.load(io.BytesIO(self.storage.read_bytes(*self.parts)), weights_only=False)
+        return {"states": st["states"], "best_dev": st["best_dev"], "final": st.get("final")}
+
+    def save(self, shared: dict) -> None:
+        buf = io.BytesIO()
+        torch.save({"states": shared["states"], "best_dev": shared["best_dev"], "final": shared.get("final")}, buf)
+        self.storage.write_bytes(buf.getvalue(), *self.parts)
+
+    def final_reported(self) -> bool:
+        """Whether Tune's result log of this trial already holds its final report."""
+        parts = ("sweeps", self.sweep, "tune", self.trial_id, "result.json")
+        if not self.storage.is_file(*parts):
+            return False
+        return any(json.loads(line).get("phase") == FINAL
+                   for line in self.storage.read_bytes(*parts).decode().splitlines() if line.strip())
+
+
+class TuneCheckpointer:
+    """The ``Checkpointer`` of one distillation stage inside a Tune trial: the state of every stage so far is saved
+    to the trial's ``TrialStateStore``, then the epoch's metrics are reported to Tune."""
+
+    def __init__(self, shared: dict, stage: str, selecting: bool, store: TrialStateStore):
+        self.shared, self.stage, self.selecting, self.store = shared, stage, selecting, store
 
     def load(self) -> dict | None:
         return self.shared["states"].get(self.stage)
@@ -90,21 +140,8 @@ class TuneCheckpointer:
             self.shared["best_dev"] = max(self.shared["best_dev"], metrics["dev_acc_mean"])
         report = {"dev_acc": max(self.shared["best_dev"], 0.0), "phase": self.stage, "epoch": metrics["epoch"],
                   **{k: v for k, v in metrics.items() if k.startswith("train_")}}
-        with tempfile.TemporaryDirectory() as d:
-            torch.save({"states": self.shared["states"], "best_dev": self.shared["best_dev"]},
-                       os.path.join(d, "state.pt"))
-            tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
-
-
-def _restored_state() -> dict:
-    from ray import tune
-
-    ckpt = tune.get_checkpoint()
-    if ckpt is None:
-        return {"states": {}, "best_dev": float("-inf"), "final": None}
-    with ckpt.as_directory() as d:
-        st = torch.load(os.path.join(d, "state.pt"), weights_only=False)
-    return {"states": st["states"], "best_dev": st["best_dev"], "final": st.get("final")}
+        self.store.save(self.shared)  # first the state, then the report: a reported epoch is never lost
+        tune.report(report)
 
 
 @dataclass(frozen=True)
@@ -179,10 +216,13 @@ def run_trial(config: dict) -> None:
     from ray import tune
     from torch.utils.data import DataLoader
 
-    shared = _restored_state()
+    store = TrialStateStore(config, tune.get_context().get_trial_id())
+    shared = store.load()
     if shared.get("final") is not None:
-        # The final report was made (and checkpointed) before the sweep driver was killed, but Tune had not recorded
-        # the trial as finished: nothing to redo, and reporting again would duplicate the final result.
+        # The trial finished before the sweep driver was killed, but Tune had not recorded it as finished: nothing to
+        # redo. Report the final result again only if Tune's log lost it (reporting twice would duplicate it).
+        if not store.final_reported():
+            tune.report(shared["final"])
         return
     inject_fault(config)
     import datasets
@@ -215,15 +255,16 @@ def run_trial(config: dict) -> None:
     selecting = {"stage2", "finetune", "one"}
     distill(student, student_method, teacher_source, train_loader, dev_loader, cfg.distill,
             domain_names=splits.domains, seed=seed,
-            checkpointer=lambda stage: TuneCheckpointer(shared, stage, stage in selecting))
+            checkpointer=lambda stage: TuneCheckpointer(shared, stage, stage in selecting, store))
     test = accuracy_by_domain(student, test_loader, splits.domains, student_logits)
     wall = time.time() - t0
     gpus = float(tune.get_context().get_trial_resources().required_resources.get("GPU", 0.0))
     final = {"dev_acc": max(shared["best_dev"], 0.0), "phase": FINAL, "epoch": -1, "test_acc": test[target],
              "wall_s": wall, "cpu_s": _cpu_seconds() - c0, "gpu_s": wall * gpus, "n_train": len(data.train),
-             "teacher_key": config.get("teacher_key", ""), "cache_key": config.get("cache_key", "")}
-    with tempfile.TemporaryDirectory() as d:  # a small checkpoint that only says "done" (see the top of this function)
-        torch.save({"states": {}, "best_dev": shared["best_dev"], "final": final}, os.path.join(d, "state.pt"))
-        tune.report(final, checkpoint=tune.Checkpoint.from_directory(d))
+             "teacher_key": config.get("teacher_key", ""), "cache_key": config.get("cache_key", ""),
+             "teacher_source": "" if teacher_source is None else
+             "cache" if type(teacher_source).__name__ == "CachedTeacher" else "live"}
+    store.save({"states": {}, "best_dev": shared["best_dev"], "final": final})  # small: "done", with the result
+    tune.report(final)
 
 

@@ -252,3 +252,22 @@ def test_distilling_from_the_cache_follows_the_live_trajectory(setup):
         for key in [k for k in a if k.startswith("train_")]:
             assert b[key] == pytest.approx(a[key], rel=2e-3, abs=1e-5), (a["stage"], a.get("epoch"), key)
     assert live[-1]["train_loss"] != live[0]["train_loss"]
+
+
+@pytest.mark.parametrize("precision", ["float16", "int8"])
+def test_encode_cells_matches_per_example_encoding(precision):
+    x = torch.randn(5, 9, 12)
+    lens = np.array([9, 1, 4, 9, 7])
+    real = torch.arange(9)[None, :] < torch.from_numpy(lens)[:, None]
+    got = K.encode_cells(x, real, lens, precision).to_pylist()
+    assert got == [encode_matrix(x[i, :n].numpy(), precision) for i, n in enumerate(lens)]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(60)
+def test_estimate_bounds_the_cache_on_disk(setup):
+    m = setup.ref.manifest
+    lengths = [len(x) for x in setup.train["input_ids"]]
+    est = K.estimate_bytes(lengths, len(m["stored_layers"]), m["teacher"]["hidden_size"])
+    on_disk = sum(f["bytes"] for f in m["files"])
+    assert on_disk <= est <= 3 * on_disk

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import toy
 from metakd_ray.results import cells as result_cells
@@ -93,13 +94,17 @@ def test_rerun_with_changed_config_is_refused(project):
     assert "already exists" in r.stderr and "distill.stage2_epochs" in r.stderr
 
 
-def _final_trials(tune_dir: Path) -> dict[str, float]:
-    """trial id -> timestamp of its first report, for trials with a final report."""
+def _finished_trials(project: Path, name: str) -> dict[str, dict]:
+    """state key -> final report, from the trials' own state store (written before Tune hears of it; Tune's
+    result.json reaches the storage root only with its periodic experiment snapshot)."""
     out = {}
-    for result in tune_dir.glob("*/result.json"):
-        lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
-        if any(x.get("phase") == "final" for x in lines):
-            out[result.parent.name] = lines[0]["timestamp"]
+    for f in (sweep_dir(project, name) / "trial_states").glob("*.pt"):
+        try:
+            final = torch.load(f, weights_only=False)["final"]
+        except Exception:  # being replaced right now
+            continue
+        if final is not None:
+            out[f.stem] = final
     return out
 
 
@@ -109,26 +114,28 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(project):
     overrides = ("name=killed", "sweep.trials_per_cell=4", "distill.stage2_epochs=3")
     proc = subprocess.Popen(sweep_cmd(cfg, *overrides), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    tune_dir = sweep_dir(project, "killed") / "tune"
     deadline = time.time() + 400
     try:
-        while time.time() < deadline and len(_final_trials(tune_dir)) < 2:
-            time.sleep(0.5)
+        while time.time() < deadline and len(_finished_trials(project, "killed")) < 2:
+            time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    before = _final_trials(tune_dir)
-    assert 2 <= len(before) < 8, before  # killed mid-run
+    before = _finished_trials(project, "killed")
+    assert 2 <= len(before) < 8, sorted(before)  # killed mid-run
     r = run_sweep(cfg, *overrides)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     df = load_results(sweep_dir(project, "killed"))
-    assert len(df) == 2 * 4 and set(df["status"]) == {"TERMINATED"}
+    assert len(df) == 2 * 4 and set(df["status"]) == {"TERMINATED"}, df[["trial_id", "status", "error"]]
     assert sorted(df["cell"].value_counts().tolist()) == [4, 4]
-    after = _final_trials(tune_dir)
-    for trial_id, started in before.items():  # finished trials were kept, not run again
-        assert after[trial_id] == started
-        lines = (tune_dir / trial_id / "result.json").read_text().splitlines()
-        assert sum(json.loads(x).get("phase") == "final" for x in lines) == 1
+    after = _finished_trials(project, "killed")
+    assert len(after) == 8
+    for key, final in before.items():  # finished trials were kept, not trained again, reported once: a trial
+        assert after[key] == final     # the restored Tune lost is suggested again and finds its work done
+        assert (df["wall_s"] == final["wall_s"]).sum() == 1
+    for result in (sweep_dir(project, "killed") / "tune").glob("*/result.json"):
+        lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
+        assert sum(x.get("phase") == "final" for x in lines) == 1
 
 
 @pytest.mark.timeout(480)
@@ -184,3 +191,50 @@ def test_ray_job_submit_to_a_local_cluster(project, tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
     df = load_results(sweep_dir(project, "submitted"))
     assert len(df) == 4 and set(df["status"]) == {"TERMINATED"}
+
+
+@pytest.mark.timeout(600)
+def test_caches_over_the_disk_budget_run_in_waves_and_resume(project):
+    """Last in this module: its small budget evicts the other sweeps' caches."""
+    import yaml
+
+    from metakd_ray import cache as K
+    from metakd_ray import config as C
+    from metakd_ray.cache_format import stored_layers
+
+    cfg_path = project / "sweep.yaml"
+    cfg = C.load(str(cfg_path))
+    enc = json.loads((Path(cfg.model.teacher) / "config.json").read_text())
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg.model.teacher)
+    train = pd.read_csv(project / "corpus" / "train.csv")
+    texts = train[train["domain"] == "beta"]["text"].tolist()
+    lengths = [len(tok(t, truncation=True, max_length=cfg.data.max_length)["input_ids"]) for t in texts]
+    one = K.estimate_bytes(lengths, len(stored_layers(K.student_layer_map(cfg, enc["num_hidden_layers"]))),
+                           enc["hidden_size"])
+    budget_gb = 1.5 * one / 1e9  # room for one of the two caches (same examples, same shapes), not both
+    overrides = ("name=waves", "sweep.seeds=[1]", f"storage.cache_max_gb={budget_gb:.9f}")
+    r = run_sweep(cfg_path, *overrides)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 waves of caches then trials" in r.stdout
+    sd = sweep_dir(project, "waves")
+    plan = json.loads((sd / "plan.json").read_text())
+    assert [(w["experiment"], len(w["cells"]), w["done"]) for w in plan["waves"]] == [("tune", 1, True),
+                                                                                    ("tune-2", 1, True)]
+    df = load_results(sd)
+    assert len(df) == 2 * 2 and set(df["status"]) == {"TERMINATED"}
+    assert set(df["teacher_source"]) == {"cache"}  # every trial read its cache: none was evicted under it
+    # the disk never held more than the budget: wave 1's cache made room for wave 2's
+    sizes = K.cache_sizes(K.Storage(str(project / "runs")))
+    assert sum(sizes.values()) <= budget_gb * 1e9
+    first, second = (df[df["cell"] == plan["waves"][i]["cells"][0]]["cache_key"].iloc[0] for i in (0, 1))
+    assert first not in sizes and second in sizes
+    # a rerun finds both waves finished: no cache rebuilt, no trial rerun
+    r2 = run_sweep(cfg_path, *overrides)
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    assert r2.stdout.count("finished in an earlier run") == 2 and "[sweep] cache " not in r2.stdout
+    df2 = load_results(sd)
+    assert sorted(df2["trial_id"]) == sorted(df["trial_id"]) and set(df2["status"]) == {"TERMINATED"}
+    assert yaml.safe_load((sd / "config.yaml").read_text())["storage"]["cache_max_gb"] == pytest.approx(budget_gb)
