@@ -59,7 +59,7 @@ def run_trials(cfg: C.Config, cells: list[dict], storage: Storage, experiment: s
                                          gamma2_is_axis=bool(cfg.sweep.gamma2), seed=cfg.seed)
         tuner = tune.Tuner(
             trainable,
-            param_space={"storage_root": storage.uri(), "sweep": cfg.name},
+            param_space={"storage_root": storage.uri(), "sweep": cfg.name, "experiment": experiment},
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, num_samples=total,
                                         max_concurrent_trials=cfg.ray.max_concurrent_trials or None,
                                         reuse_actors=True, trial_dirname_creator=lambda t: t.trial_id),
@@ -164,6 +164,11 @@ def run(cfg: C.Config) -> int:
         run_trials(cfg, cells, storage, experiment=wave["experiment"])
         wave["done"] = True
         storage.write_json(p, "sweeps", cfg.name, "plan.json")
+    from metakd_ray.trial import drop_unfinished_states
+
+    dropped = drop_unfinished_states(storage.uri(), cfg.name)  # failed or orphaned trials' states: nothing resumes them
+    if dropped:
+        print(f"[sweep] removed {len(dropped)} training states of failed or superseded trials", flush=True)
     from metakd_ray.results import cells, load_results, report
 
     paths = report(storage.uri("sweeps", cfg.name))

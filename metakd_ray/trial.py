@@ -37,6 +37,7 @@ from metakd_ray.distill import LiveTeacher, distill, student_logits
 from metakd_ray.training import accuracy_by_domain
 
 FINAL = "final"
+STATES = "trial_states"
 
 
 def cell_config(trial_config: dict) -> C.Config:
@@ -73,7 +74,8 @@ def _cpu_seconds() -> float:
 
 class TrialStateStore:
     """The training state of one trial, kept by the trial itself in ``<storage>/sweeps/<sweep>/trial_states/
-    <key>.pt`` and overwritten atomically after every epoch (at the end: a small record of the final report).
+    <key>.pt`` and overwritten atomically after every epoch; at the end ``<key>.final.json`` (the final report)
+    replaces it.
 
     Not a Tune checkpoint, on purpose: Tune deletes a trial's older checkpoints (``num_to_keep``) as soon as the driver
     registers a newer one, while the experiment state a restored sweep starts from is snapshotted only every >= 10 s.
@@ -90,8 +92,10 @@ class TrialStateStore:
 
         self.storage = Storage(trial_config["storage_root"])
         self.sweep, self.trial_id = trial_config["sweep"], trial_id
+        self.experiment = trial_config.get("experiment") or "tune"
         self.key = self.state_key(trial_config)
-        self.parts = ("sweeps", self.sweep, "trial_states", f"{self.key}.pt")
+        self.parts = ("sweeps", self.sweep, STATES, f"{self.key}.pt")
+        self.final_parts = ("sweeps", self.sweep, STATES, f"{self.key}.final.json")
 
     @staticmethod
     def state_key(trial_config: dict) -> str:
@@ -99,23 +103,44 @@ class TrialStateStore:
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def load(self) -> dict:
+        """{"states", "best_dev", "final"}: the final report once the trial finished, else its training state."""
+        if self.storage.is_file(*self.final_parts):
+            rec = self.storage.read_json(*self.final_parts)
+            return {"states": {}, "best_dev": rec["best_dev"], "final": rec["final"]}
         if not self.storage.is_file(*self.parts):
             return {"states": {}, "best_dev": float("-inf"), "final": None}
         st = torch.load(io.BytesIO(self.storage.read_bytes(*self.parts)), weights_only=False)
-        return {"states": st["states"], "best_dev": st["best_dev"], "final": st.get("final")}
+        return {"states": st["states"], "best_dev": st["best_dev"], "final": None}
 
     def save(self, shared: dict) -> None:
         buf = io.BytesIO()
-        torch.save({"states": shared["states"], "best_dev": shared["best_dev"], "final": shared.get("final")}, buf)
+        torch.save({"states": shared["states"], "best_dev": shared["best_dev"]}, buf)
         self.storage.write_bytes(buf.getvalue(), *self.parts)
+
+    def save_final(self, final: dict, best_dev: float) -> None:
+        """The trial is done: its final report (small, JSON) replaces its training state."""
+        self.storage.write_json({"final": final, "best_dev": best_dev}, *self.final_parts)
+        self.storage.delete(*self.parts)
 
     def final_reported(self) -> bool:
         """Whether Tune's result log of this trial already holds its final report."""
-        parts = ("sweeps", self.sweep, "tune", self.trial_id, "result.json")
+        parts = ("sweeps", self.sweep, self.experiment, self.trial_id, "result.json")
         if not self.storage.is_file(*parts):
             return False
         return any(json.loads(line).get("phase") == FINAL
                    for line in self.storage.read_bytes(*parts).decode().splitlines() if line.strip())
+
+
+def drop_unfinished_states(storage_root: str, sweep: str) -> list[str]:
+    """Delete the training states left in ``trial_states/`` (those of failed trials, or of trials a restored
+    searcher never suggested again); call only when no trial of the sweep runs. Final reports stay."""
+    from metakd_ray.storage import Storage
+
+    storage = Storage(storage_root)
+    gone = [n for n in storage.listdir("sweeps", sweep, STATES) if n.endswith(".pt")]
+    for n in gone:
+        storage.delete("sweeps", sweep, STATES, n)
+    return gone
 
 
 class TuneCheckpointer:
@@ -264,7 +289,7 @@ def run_trial(config: dict) -> None:
              "teacher_key": config.get("teacher_key", ""), "cache_key": config.get("cache_key", ""),
              "teacher_source": "" if teacher_source is None else
              "cache" if type(teacher_source).__name__ == "CachedTeacher" else "live"}
-    store.save({"states": {}, "best_dev": shared["best_dev"], "final": final})  # small: "done", with the result
+    store.save_final(final, shared["best_dev"])  # first the record, then the report (see TrialStateStore)
     tune.report(final)
 
 

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import toy
 from metakd_ray.results import cells as result_cells
@@ -97,14 +96,17 @@ def test_rerun_with_changed_config_is_refused(project):
 def _finished_trials(project: Path, name: str) -> dict[str, dict]:
     """state key -> final report, from the trials' own state store (written before Tune hears of it; Tune's
     result.json reaches the storage root only with its periodic experiment snapshot)."""
+    return {f.name.split(".")[0]: json.loads(f.read_text())["final"]
+            for f in (sweep_dir(project, name) / "trial_states").glob("*.final.json")}
+
+
+def _logged_finals(tune_dir: Path) -> dict[str, float]:
+    """trial id -> timestamp of its first report, for trials whose result.json holds a final report."""
     out = {}
-    for f in (sweep_dir(project, name) / "trial_states").glob("*.pt"):
-        try:
-            final = torch.load(f, weights_only=False)["final"]
-        except Exception:  # being replaced right now
-            continue
-        if final is not None:
-            out[f.stem] = final
+    for result in tune_dir.glob("*/result.json"):
+        lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
+        if any(x.get("phase") == "final" for x in lines):
+            out[result.parent.name] = lines[0]["timestamp"]
     return out
 
 
@@ -123,6 +125,8 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(project):
         proc.wait()
     before = _finished_trials(project, "killed")
     assert 2 <= len(before) < 8, sorted(before)  # killed mid-run
+    tune_dir = sweep_dir(project, "killed") / "tune"
+    logged = _logged_finals(tune_dir)  # what Tune's last snapshot had synced (may be none)
     r = run_sweep(cfg, *overrides)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     df = load_results(sweep_dir(project, "killed"))
@@ -130,12 +134,16 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(project):
     assert sorted(df["cell"].value_counts().tolist()) == [4, 4]
     after = _finished_trials(project, "killed")
     assert len(after) == 8
+    assert not list((sweep_dir(project, "killed") / "trial_states").glob("*.pt"))  # training states dropped at the end
     for key, final in before.items():  # finished trials were kept, not trained again, reported once: a trial
         assert after[key] == final     # the restored Tune lost is suggested again and finds its work done
         assert (df["wall_s"] == final["wall_s"]).sum() == 1
-    for result in (sweep_dir(project, "killed") / "tune").glob("*/result.json"):
+    for result in tune_dir.glob("*/result.json"):
         lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
         assert sum(x.get("phase") == "final" for x in lines) == 1
+    relogged = _logged_finals(tune_dir)
+    for trial_id, started in logged.items():  # same trial ids, same start times
+        assert relogged[trial_id] == started
 
 
 @pytest.mark.timeout(480)

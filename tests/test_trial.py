@@ -25,12 +25,25 @@ def test_store_starts_empty_then_holds_the_newest_state(tmp_path):
     assert got["states"]["stage1"]["epoch"] == 2 and torch.equal(got["states"]["stage1"]["w"], torch.full((2,), 2.0))
     assert got["best_dev"] == 0.5 and got["final"] is None
     # one file, overwritten in place; no temporary files left behind
-    files = sorted(p.name for p in (tmp_path / "runs" / "sweeps" / "s" / "trial_states").iterdir())
-    assert files == [f"{store.key}.pt"]
+    states = tmp_path / "runs" / "sweeps" / "s" / "trial_states"
+    assert sorted(p.name for p in states.iterdir()) == [f"{store.key}.pt"]
     # keyed by what the trial is, not by Tune's id: the same trial suggested again under a new id finds its state
     assert TR.TrialStateStore(_config(tmp_path), "t9").load()["states"]["stage1"]["epoch"] == 2
     assert TR.TrialStateStore(_config(tmp_path, slot=1), "t1").load()["states"] == {}
     assert TR.TrialStateStore(_config(tmp_path, stage2_lr=0.01), "t1").load()["states"] == {}
+    # the final record replaces the training state
+    store.save_final({"phase": TR.FINAL, "test_acc": 0.7}, 0.5)
+    assert store.load() == {"states": {}, "best_dev": 0.5, "final": {"phase": TR.FINAL, "test_acc": 0.7}}
+    assert sorted(p.name for p in states.iterdir()) == [f"{store.key}.final.json"]
+
+
+def test_unfinished_states_are_dropped_final_records_kept(tmp_path):
+    a, b = TR.TrialStateStore(_config(tmp_path), "t1"), TR.TrialStateStore(_config(tmp_path, slot=1), "t2")
+    a.save({"states": {"stage1": {"w": torch.ones(3)}}, "best_dev": 0.1})
+    b.save({"states": {"stage1": {"w": torch.ones(3)}}, "best_dev": 0.1})
+    b.save_final({"phase": TR.FINAL}, 0.2)
+    assert TR.drop_unfinished_states(str(tmp_path / "runs"), "s") == [f"{a.key}.pt"]
+    assert a.load()["states"] == {} and b.load()["final"] == {"phase": TR.FINAL}
 
 
 def test_final_reported_reads_tunes_result_log(tmp_path):
@@ -50,7 +63,7 @@ def test_a_finished_trial_restarted_reports_its_final_result_only_if_tune_lost_i
 
     cfg = _config(tmp_path)
     final = {"phase": TR.FINAL, "test_acc": 0.71, "dev_acc": 0.7}
-    TR.TrialStateStore(cfg, "t1").save({"states": {}, "best_dev": 0.7, "final": final})
+    TR.TrialStateStore(cfg, "t1").save_final(final, 0.7)
     if logged:
         log = tmp_path / "runs" / "sweeps" / "s" / "tune" / "t1" / "result.json"
         log.parent.mkdir(parents=True)
