@@ -1,6 +1,8 @@
-"""Teacher-output cache: one Ray Data job per (teacher, domain, split) writes what the student loss needs from the
-teacher, so distillation epochs read it instead of running the teacher (method doc §3; format in
-``metakd_ray.cache_format``; reader ``metakd_ray.cache_reader.CachedTeacher``).
+"""Teacher-output cache: one cache per (teacher, domain, split), written by a Ray Data job, holds what the student
+loss needs from the teacher, so distillation epochs read it instead of running the teacher (method doc §3; format in
+``metakd_ray.cache_format``; reader ``metakd_ray.cache_reader.CachedTeacher``). ``ensure_cache`` builds one cache
+with one job; ``ensure_caches`` builds many (a sweep wave's) with one job per teacher class, its actors loading each
+batch's teacher in turn, so a job's fixed cost (~7 s on 2 CPUs) is paid once rather than once per cache.
 
     ref = ensure_cache(cfg, storage, "books-meta-r0.1-s0", "books", tokenised_train, (0, 2, 4, 6),
                        prototype_scores={id: t_i, ...})          # builds, or finds and verifies, the cache
@@ -41,10 +43,10 @@ int8 per-token scale, same layers (precision="int8")   229 KB     16.8 GB
 
 No lossless-to-float16 design holds all 73k examples in 12 GB at once (that needs <= 164 KB per example, about
 1.67 KB per real token: fewer than 2.2 float16 vectors of 384 per token, while the loss needs 6). What fits: each
-cache serves one sweep cell (target, rate, seed, teacher), so ``ensure_cache(..., max_total_bytes=12e9)`` evicts the
-least recently used other caches once the total passes the budget; the largest single cache (rate 1.0, 1631
-examples) is 0.74 GB, so 12 GB holds the caches of ~16 cells in flight. An evicted cache is rebuilt on demand
-(fingerprinted), at the cost of one teacher pass.
+cache serves one sweep cell (target, rate, seed, teacher), so the sweep builds them in waves that fit the budget
+(``sweep_run.plan_waves``, with ``estimate_bytes``), and ``ensure_cache(s)(..., max_total_bytes=12e9)`` first
+evicts the least recently used other caches to make room. An evicted cache is rebuilt on demand (fingerprinted), at
+the cost of one teacher pass.
 
 Pool layout: on 2 CPUs, ``ray.cache_actors=2 ray.cpus_per_actor=0.5`` (1 torch thread each) ran the teacher pass
 6 % faster than 1 actor x 1 CPU with 2 threads, and as fast as a plain single-process loop (benchmarks/RESULTS.md).
@@ -93,6 +95,7 @@ MANIFEST = "manifest.json"
 USED_MARK = ".last_used"
 # How many times this process ran a cache-building Ray job (tests assert that a cache hit runs none).
 JOB_RUNS = 0
+TEACHER_COL, CACHE_COL = "_teacher", "_cache"  # the columns of a job that builds several caches
 
 
 class CacheError(RuntimeError):
@@ -287,21 +290,47 @@ class TeacherPass:
     into a ``pa.Table`` of cache rows (``metakd_ray.cache_format``)."""
 
     def __init__(self, teacher_root: str, teacher_parts: tuple[str, ...], layers: tuple[int, ...],
-                 qk_layers: tuple[int, ...], precision: str, threads: int):
+                 qk_layers: tuple[int, ...], precision: str, threads: int,
+                 teachers: tuple[tuple[str, tuple[str, ...]], ...] | None = None):
         import torch
 
+        torch.set_num_threads(max(1, int(threads)))
+        # several teachers (a job building several caches): row i uses teachers[row[TEACHER_COL]], loaded on first
+        # use, one at a time (rows come grouped by teacher, so each actor loads each teacher about once)
+        self.teachers = tuple(teachers) if teachers else ((teacher_root, tuple(teacher_parts)),)
+        self.loaded: int | None = None
+        self._load(0)
+        self.layers, self.qk_layers, self.precision = layers, qk_layers, precision
+
+    def _load(self, i: int) -> None:
+        if self.loaded == i:
+            return
         from metakd_ray.models import load_task_model
 
-        torch.set_num_threads(max(1, int(threads)))
-        with Storage(teacher_root).local_copy(*teacher_parts) as d:
+        self.model = None
+        root, parts = self.teachers[i]
+        with Storage(root).local_copy(*parts) as d:
             self.model = load_task_model(d).eval()
         # No attention maps are read here (scores are rebuilt from stored layer inputs, or Q/K are hooked), so the
         # fused kernel can replace the eager attention the training code needs.
         if hasattr(self.model.encoder, "set_attn_implementation"):
             self.model.encoder.set_attn_implementation("sdpa")
-        self.layers, self.qk_layers, self.precision = layers, qk_layers, precision
+        self.loaded = i
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if TEACHER_COL not in batch:
+            return self._run(batch)
+        which = np.asarray(batch[TEACHER_COL])
+        cuts = [0, *(np.flatnonzero(np.diff(which)) + 1).tolist(), len(which)]
+        parts = []
+        for lo, hi in zip(cuts[:-1], cuts[1:]):  # runs of rows with the same teacher
+            self._load(int(which[lo]))
+            out = self._run({k: v[lo:hi] for k, v in batch.items()})
+            parts.append(out.append_column(CACHE_COL, pa.array([str(x) for x in batch[CACHE_COL][lo:hi]],
+                                                                pa.string())))
+        return pa.concat_tables(parts)
+
+    def _run(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import torch
 
         from metakd_ray.models.encoders import _capture_query_key
@@ -386,9 +415,12 @@ def init_ray(cfg: Any) -> None:
 def run_teacher_job(table: pa.Table, teacher: TeacherLocation, out_storage: Storage, out_parts: Sequence[str], *,
                     layers: tuple[int, ...], qk_layers: tuple[int, ...], precision: str, actors: int,
                     cpus_per_actor: float, threads_per_actor: int | None = None, batch_size: int = 32,
-                    rows_per_block: int | None = None, compression: str = "zstd") -> float:
+                    rows_per_block: int | None = None, compression: str = "zstd",
+                    teachers: tuple[tuple[str, tuple[str, ...]], ...] | None = None,
+                    partition_col: str | None = None) -> float:
     """The Ray Data pass: rows -> repartition -> actor pool running the teacher -> Parquet under ``out_parts``
-    (overwritten). Returns the wall time in seconds."""
+    (overwritten). With ``teachers``, rows name theirs in ``TEACHER_COL`` and the files are written partitioned by
+    ``partition_col`` (``<out_parts>/<col>=<value>/``). Returns the wall time in seconds."""
     global JOB_RUNS
     import ray
     import ray.data
@@ -408,11 +440,11 @@ def run_teacher_job(table: pa.Table, teacher: TeacherLocation, out_storage: Stor
         .map_batches(TeacherPass,
                      fn_constructor_kwargs=dict(teacher_root=teacher.root, teacher_parts=tuple(teacher.parts),
                                                 layers=layers, qk_layers=qk_layers, precision=precision,
-                                                threads=threads),
+                                                threads=threads, teachers=teachers),
                      compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
                      batch_size=batch_size, batch_format="numpy", udf_modifying_row_count=False)
         .write_parquet(out_storage.path(*out_parts), filesystem=out_storage.fs, mode=ray.data.SaveMode.OVERWRITE,
-                       compression=compression))
+                       compression=compression, partition_cols=[partition_col] if partition_col else None))
     return time.perf_counter() - t0
 
 
@@ -525,6 +557,119 @@ def _publish(storage: Storage, staging: tuple[str, ...], fp: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class CacheJob:
+    """One cache to find or build: everything its fingerprint is made of, and the input rows of its teacher pass."""
+
+    storage: Storage
+    fingerprint: str
+    key: dict
+    teacher: TeacherLocation
+    table: pa.Table  # input_table(): id, input_ids, [token_type_ids], domain_id, [prototype_score]
+    layers: tuple[int, ...]
+    qk_layers: tuple[int, ...]
+    precision: str
+    attention: str
+    compression: str
+    has_prototype_scores: bool
+
+    @property
+    def num_examples(self) -> int:
+        return self.table.num_rows
+
+    def est_bytes(self) -> int:
+        enc = json.loads(self.teacher.storage().read_bytes(*self.teacher.parts, "encoder", "config.json"))
+        return estimate_bytes(pc.list_value_length(self.table["input_ids"]).to_numpy(),
+                              len(self.layers) + 2 * len(self.qk_layers), int(enc["hidden_size"]), self.precision)
+
+    def signature(self) -> tuple:
+        """Jobs with the same signature write rows of the same schema, so one Ray Data job can build them all."""
+        heads = json.loads(self.teacher.storage().read_bytes(*self.teacher.parts, "heads.json"))
+        return (heads.get("cls"), self.has_prototype_scores, "token_type_ids" in self.table.column_names,
+                self.layers, self.qk_layers, self.precision, self.compression)
+
+
+def cache_job(cfg: Any, storage: Storage | None, teacher: str | os.PathLike, domain: str, split_dataset: Any,
+              layer_map: Sequence[int], prototype_scores: Mapping[str, float] | None = None, *,
+              split: str = "train", tokenizer: Any = None, max_length: int | None = None,
+              precision: str = "float16", attention: str = "inputs", compression: str = "zstd") -> CacheJob:
+    """The :class:`CacheJob` of ``teacher`` on ``split_dataset`` (arguments as :func:`ensure_cache`)."""
+    storage = storage or Storage(cfg.storage.root)
+    if precision not in PRECISIONS or attention not in ATTENTION_MODES:
+        raise ValueError(f"precision={precision!r} (one of {PRECISIONS}), attention={attention!r} "
+                         f"(one of {ATTENTION_MODES})")
+    g = tuple(int(x) for x in layer_map)
+    loc = resolve_teacher(storage, teacher)
+    tfp = teacher_fingerprint(loc)
+    table = input_table(split_dataset, prototype_scores)
+    ids = table["id"].to_pylist()
+    proto_hash = None if prototype_scores is None else _hash_json(sorted(
+        (i, round(float(prototype_scores[i]), 7)) for i in ids))
+    # the tokenizer saved with the teacher when there is one (so passing ``tokenizer`` or not gives the same key)
+    tok_fp = tfp["tokenizer"] or (tokenizer_fingerprint(tokenizer) if tokenizer is not None else "")
+    key = cache_key(teacher=tfp, tokenizer=tok_fp, max_length=max_length or cfg.data.max_length, layer_map=g,
+                    domain=domain, split=split, ids=ids, input_hash=_input_hash(table), prototype_hash=proto_hash,
+                    precision=precision, attention=attention)
+    return CacheJob(storage, fingerprint(key), key, loc, table, stored_layers(g, attention),
+                    tuple(g[1:]) if attention == "qk" else (), precision, attention, compression,
+                    prototype_scores is not None)
+
+
+def find_cache(job: CacheJob) -> CacheRef | None:
+    """The job's cache when it exists and verifies (marked used), else None (a corrupt one is logged)."""
+    if not job.storage.exists(CACHES, job.fingerprint):
+        return None
+    try:
+        manifest = verify(job.fingerprint, job.storage)
+    except CacheError as e:
+        log.warning("%s; rebuilding it", e)
+        return None
+    _touch(job.storage, job.fingerprint)
+    log.info("cache %s: hit (%d examples), nothing recomputed", job.storage.uri(CACHES, job.fingerprint),
+             job.num_examples)
+    return CacheRef(job.storage.uri(), job.fingerprint, manifest, built=False)
+
+
+def _finish(job: CacheJob, staging: tuple[str, ...], seconds: float, shared: dict | None = None) -> CacheRef:
+    """Check the staged files of ``job``, publish them and write the manifest (last)."""
+    storage, fp = job.storage, job.fingerprint
+    names = [n for n in storage.listdir(*staging) if n.endswith(".parquet")]
+    files = [_file_entry(storage, *staging, n) for n in names]
+    if sum(f["rows"] for f in files) != job.num_examples:
+        raise CacheError(f"the cache job wrote {sum(f['rows'] for f in files)} rows for {job.num_examples} examples")
+    _publish(storage, staging, fp)
+    loc = job.teacher
+    model_args = json.loads(loc.storage().read_bytes(*loc.parts, "heads.json"))
+    enc_cfg = json.loads(loc.storage().read_bytes(*loc.parts, "encoder", "config.json"))
+    hidden = int(enc_cfg["hidden_size"])
+    total = sum(f["bytes"] for f in files)
+    mean_tokens = float(np.mean(pc.list_value_length(job.table["input_ids"]).to_numpy()))
+    n_mats = len(job.layers) + 2 * len(job.qk_layers)
+    manifest = {
+        "format": FORMAT_VERSION, "fingerprint": fp, "key": job.key, "num_examples": job.num_examples,
+        "teacher": {"root": loc.root, "parts": list(loc.parts), "class": model_args.get("cls"),
+                    "num_labels": model_args.get("args", {}).get("num_labels"),
+                    "num_layers": enc_cfg.get("num_hidden_layers"), "hidden_size": hidden,
+                    "num_heads": enc_cfg.get("num_attention_heads")},
+        "layer_map": list(job.key["layer_map"]), "stored_layers": list(job.layers), "qk_layers": list(job.qk_layers),
+        "precision": job.precision, "attention": job.attention,
+        "has_domain_hidden": model_args.get("cls") == "MetaTeacher",
+        "has_prototype_scores": job.has_prototype_scores, "compression": job.compression,
+        "files": files, "mean_tokens": mean_tokens,
+        "bytes_per_example": {"on_disk": round(total / max(job.num_examples, 1), 1),
+                              "raw_matrices": round(n_mats * matrix_bytes(1, hidden, job.precision) * mean_tokens,
+                                                    1)},
+        "build_seconds": round(seconds, 3), "created": time.time(),
+    }
+    if shared:
+        manifest["shared_job"] = shared
+    storage.write_json(manifest, CACHES, fp, MANIFEST)  # last: the cache exists from here on
+    _touch(storage, fp)
+    log.info("cache %s: built %d examples in %.1f s (%.0f KB/example)", storage.uri(CACHES, fp), job.num_examples,
+             seconds, total / max(job.num_examples, 1) / 1e3)
+    return CacheRef(storage.uri(), fp, verify(fp, storage), built=True)
+
+
 def ensure_cache(cfg: Any, storage: Storage | None, teacher: str | os.PathLike, domain: str, split_dataset: Any,
                  layer_map: Sequence[int], prototype_scores: Mapping[str, float] | None = None, *,
                  split: str = "train", tokenizer: Any = None, max_length: int | None = None,
@@ -543,85 +688,78 @@ def ensure_cache(cfg: Any, storage: Storage | None, teacher: str | os.PathLike, 
     (never those in ``keep``) so that the total stays within it — before a build, room is made for the new cache's
     estimated size (see the module docstring for the 12 GB sweep budget).
     """
-    storage = storage or Storage(cfg.storage.root)
-    if precision not in PRECISIONS or attention not in ATTENTION_MODES:
-        raise ValueError(f"precision={precision!r} (one of {PRECISIONS}), attention={attention!r} "
-                         f"(one of {ATTENTION_MODES})")
-    g = tuple(int(x) for x in layer_map)
-    layers = stored_layers(g, attention)
-    qk_layers = tuple(g[1:]) if attention == "qk" else ()
-    loc = resolve_teacher(storage, teacher)
-    tfp = teacher_fingerprint(loc)
-    table = input_table(split_dataset, prototype_scores)
-    ids = table["id"].to_pylist()
-    proto_hash = None if prototype_scores is None else _hash_json(sorted(
-        (i, round(float(prototype_scores[i]), 7)) for i in ids))
-    # the tokenizer saved with the teacher when there is one (so passing ``tokenizer`` or not gives the same key)
-    tok_fp = tfp["tokenizer"] or (tokenizer_fingerprint(tokenizer) if tokenizer is not None else "")
-    key = cache_key(teacher=tfp, tokenizer=tok_fp, max_length=max_length or cfg.data.max_length, layer_map=g, domain=domain,
-                    split=split, ids=ids, input_hash=_input_hash(table), prototype_hash=proto_hash,
-                    precision=precision, attention=attention)
-    fp = fingerprint(key)
-    if storage.exists(CACHES, fp):
-        try:
-            manifest = verify(fp, storage)
-            _touch(storage, fp)
-            log.info("cache %s: hit (%d examples), nothing recomputed", storage.uri(CACHES, fp), len(ids))
-            if max_total_bytes is not None:
-                prune(storage, max_total_bytes, keep=(fp, *keep))
-            return CacheRef(storage.uri(), fp, manifest, built=False)
-        except CacheError as e:
-            log.warning("%s; rebuilding it", e)
+    job = cache_job(cfg, storage, teacher, domain, split_dataset, layer_map, prototype_scores, split=split,
+                    tokenizer=tokenizer, max_length=max_length, precision=precision, attention=attention,
+                    compression=compression)
+    return ensure_caches(cfg, [job], batch_size=batch_size, rows_per_block=rows_per_block,
+                         threads_per_actor=threads_per_actor, max_total_bytes=max_total_bytes, keep=keep)[0]
 
-    import ray
 
+def ensure_caches(cfg: Any, jobs: Sequence[CacheJob], *, batch_size: int = 32, rows_per_block: int | None = None,
+                  threads_per_actor: int | None = None, max_total_bytes: float | None = None,
+                  keep: Sequence[str] = ()) -> list[CacheRef]:
+    """The verified caches of ``jobs`` (same storage), in order: those that exist are reused; the rest are built
+    with one Ray Data job per row schema (:meth:`CacheJob.signature`; one per teacher class in a sweep), whose actors
+    load each batch's teacher in turn — a job's fixed cost (actor start-up, planning; ~7 s on 2 CPUs) is paid once,
+    not once per cache. ``max_total_bytes`` / ``keep``: as :func:`ensure_cache`, for all the jobs at once."""
+    if not jobs:
+        return []
+    storage = jobs[0].storage
+    refs: dict[str, CacheRef] = {}
+    for job in jobs:
+        if job.fingerprint not in refs:
+            ref = find_cache(job)
+            if ref is not None:
+                refs[job.fingerprint] = ref
+    missing = list({j.fingerprint: j for j in jobs if j.fingerprint not in refs}.values())
+    protect = (*keep, *(j.fingerprint for j in jobs))
     if max_total_bytes is not None:  # make room first, so the total never passes the budget
-        enc = json.loads(loc.storage().read_bytes(*loc.parts, "encoder", "config.json"))
-        need = estimate_bytes(pc.list_value_length(table["input_ids"]).to_numpy(), len(layers) + 2 * len(qk_layers),
-                              int(enc["hidden_size"]), precision)
-        prune(storage, max_total_bytes - need, keep=(fp, *keep))
-    if not ray.is_initialized():
-        init_ray(cfg)
-    staging = (CACHES, f".staging-{fp}-{uuid.uuid4().hex[:8]}")
+        prune(storage, max_total_bytes - sum(j.est_bytes() for j in missing), keep=protect)
+    by_signature: dict[tuple, list[CacheJob]] = {}
+    for job in missing:
+        by_signature.setdefault(job.signature(), []).append(job)
+    if by_signature:
+        import ray
+
+        if not ray.is_initialized():
+            init_ray(cfg)
+    for group in by_signature.values():
+        refs.update(_build(cfg, group, batch_size=batch_size, rows_per_block=rows_per_block,
+                           threads_per_actor=threads_per_actor))
+    if max_total_bytes is not None:
+        prune(storage, max_total_bytes, keep=protect)
+    return [refs[j.fingerprint] for j in jobs]
+
+
+def _build(cfg: Any, jobs: list[CacheJob], **job_args: Any) -> dict[str, CacheRef]:
+    """One Ray Data job over the rows of ``jobs`` (same signature), written partitioned by cache, then each cache
+    published with its manifest. The job's seconds are shared out by rows (``build_seconds``)."""
+    storage, first = jobs[0].storage, jobs[0]
+    staging = (CACHES, f".staging-{first.fingerprint}-{uuid.uuid4().hex[:8]}")
+    teachers = tuple((j.teacher.root, tuple(j.teacher.parts)) for j in jobs)
+    if len(jobs) == 1:
+        table, partition = first.table, None
+    else:
+        table = pa.concat_tables([
+            j.table.append_column(TEACHER_COL, pa.array([i] * j.num_examples, pa.int32()))
+                   .append_column(CACHE_COL, pa.array([j.fingerprint] * j.num_examples, pa.string()))
+            for i, j in enumerate(jobs)])
+        partition = CACHE_COL
+    refs: dict[str, CacheRef] = {}
     try:
-        seconds = run_teacher_job(table, loc, storage, staging, layers=layers, qk_layers=qk_layers,
-                                  precision=precision, actors=cfg.ray.cache_actors,
-                                  cpus_per_actor=cfg.ray.cpus_per_actor, threads_per_actor=threads_per_actor,
-                                  batch_size=batch_size, rows_per_block=rows_per_block, compression=compression)
-        names = [n for n in storage.listdir(*staging) if n.endswith(".parquet")]
-        files = [_file_entry(storage, *staging, n) for n in names]
-        if sum(f["rows"] for f in files) != len(ids):
-            raise CacheError(f"the cache job wrote {sum(f['rows'] for f in files)} rows for {len(ids)} examples")
-        _publish(storage, staging, fp)
+        seconds = run_teacher_job(table, first.teacher, storage, staging, layers=first.layers,
+                                  qk_layers=first.qk_layers, precision=first.precision, actors=cfg.ray.cache_actors,
+                                  cpus_per_actor=cfg.ray.cpus_per_actor, compression=first.compression,
+                                  teachers=teachers, partition_col=partition, **job_args)
+        total_rows = table.num_rows
+        shared = None if partition is None else {"caches": len(jobs), "rows": total_rows,
+                                                 "seconds": round(seconds, 3)}
+        for j in jobs:
+            part = staging if partition is None else (*staging, f"{CACHE_COL}={j.fingerprint}")
+            refs[j.fingerprint] = _finish(j, part, seconds * j.num_examples / total_rows, shared)
     finally:
         storage.delete(*staging)
-    model_args = json.loads(loc.storage().read_bytes(*loc.parts, "heads.json"))
-    enc_cfg = json.loads(loc.storage().read_bytes(*loc.parts, "encoder", "config.json"))
-    hidden = int(enc_cfg["hidden_size"])
-    total = sum(f["bytes"] for f in files)
-    mean_tokens = float(np.mean(pc.list_value_length(table["input_ids"]).to_numpy()))
-    n_mats = len(layers) + 2 * len(qk_layers)
-    manifest = {
-        "format": FORMAT_VERSION, "fingerprint": fp, "key": key, "num_examples": len(ids),
-        "teacher": {"root": loc.root, "parts": list(loc.parts), "class": model_args.get("cls"),
-                    "num_labels": model_args.get("args", {}).get("num_labels"),
-                    "num_layers": enc_cfg.get("num_hidden_layers"), "hidden_size": hidden,
-                    "num_heads": enc_cfg.get("num_attention_heads")},
-        "layer_map": list(g), "stored_layers": list(layers), "qk_layers": list(qk_layers), "precision": precision,
-        "attention": attention, "has_domain_hidden": model_args.get("cls") == "MetaTeacher",
-        "has_prototype_scores": prototype_scores is not None, "compression": compression,
-        "files": files, "mean_tokens": mean_tokens,
-        "bytes_per_example": {"on_disk": round(total / max(len(ids), 1), 1),
-                              "raw_matrices": round(n_mats * matrix_bytes(1, hidden, precision) * mean_tokens, 1)},
-        "build_seconds": round(seconds, 3), "created": time.time(),
-    }
-    storage.write_json(manifest, CACHES, fp, MANIFEST)  # last: the cache exists from here on
-    _touch(storage, fp)
-    log.info("cache %s: built %d examples in %.1f s (%.0f KB/example)", storage.uri(CACHES, fp), len(ids), seconds,
-             total / max(len(ids), 1) / 1e3)
-    if max_total_bytes is not None:
-        prune(storage, max_total_bytes, keep=(fp, *keep))
-    return CacheRef(storage.uri(), fp, verify(fp, storage), built=True)
+    return refs
 
 
 def estimate_bytes(lengths: Sequence[int] | np.ndarray, matrices: int, hidden: int, precision: str = "float16") -> int:

@@ -294,18 +294,19 @@ def cache_groups(cfg: C.Config, p: dict, storage: Storage) -> dict[tuple, CacheG
 
 def build_caches(cfg: C.Config, groups: list[CacheGroup], storage: Storage, costs: dict, budget: float | None,
                  label: str) -> None:
-    """The caches of ``groups`` (Ray Data; verified ones are reused), each cell's ``cache_key`` filled and the costs
-    added to ``costs["caches"]``: per cache its wall/CPU/GPU seconds and the cells using it. Older caches are evicted
-    (least recently used first, never one of ``groups``) to keep ``caches/`` within ``budget``."""
+    """The caches of ``groups`` (verified ones are reused; the rest built by one Ray Data job per teacher class, see
+    ``cache.ensure_caches``), each cell's ``cache_key`` filled and the costs added to ``costs["caches"]``: per cache
+    its wall/CPU/GPU seconds (its share of the job, by rows) and the cells using it. Older caches are evicted (least
+    recently used first, never one of ``groups``) to keep ``caches/`` within ``budget``."""
     from metakd_ray import cache as K
 
-    built: list[str] = []
-    for n, g in enumerate(groups, 1):
-        print(f"[sweep] cache {n}/{len(groups)} ({label}): {g.teacher_key} on {g.domain} ({len(g.data)} examples)",
-              flush=True)
-        ref = K.ensure_cache(cfg, storage, g.teacher_key, g.domain, g.data, g.layer_map, prototype_scores=g.scores,
-                             max_total_bytes=budget, keep=built)
-        built.append(ref.fingerprint)
+    if not groups:
+        return
+    jobs = [K.cache_job(cfg, storage, g.teacher_key, g.domain, g.data, g.layer_map, prototype_scores=g.scores)
+            for g in groups]
+    print(f"[sweep] caches ({label}): {len(jobs)} ({sum(j.num_examples for j in jobs)} examples)", flush=True)
+    refs = K.ensure_caches(cfg, jobs, max_total_bytes=budget)
+    for g, ref in zip(groups, refs):
         for c in g.cells:
             c["cache_key"] = ref.fingerprint
         seconds = float(ref.manifest.get("build_seconds", 0.0))
@@ -313,6 +314,8 @@ def build_caches(cfg: C.Config, groups: list[CacheGroup], storage: Storage, cost
             "wall_s": seconds, "cpu_s": seconds * cfg.ray.cache_actors * cfg.ray.cpus_per_actor, "gpu_s": 0.0,
             "cells": []})
         entry["cells"] += [c["cell"] for c in g.cells]
+    built = sum(r.built for r in refs)
+    print(f"[sweep] caches ({label}): {built} built, {len(refs) - built} reused", flush=True)
 
 
 def _show(event: dict) -> None:

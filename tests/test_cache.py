@@ -271,3 +271,43 @@ def test_estimate_bounds_the_cache_on_disk(setup):
     est = K.estimate_bytes(lengths, len(m["stored_layers"]), m["teacher"]["hidden_size"])
     on_disk = sum(f["bytes"] for f in m["files"])
     assert on_disk <= est <= 3 * on_disk
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_one_job_per_teacher_class_builds_several_caches(setup, tmp_path):
+    s = setup
+    tok = s.tokenizer
+
+    def enc(seed):
+        return M.random_encoder(vocab_size=len(tok), num_layers=4, max_position=32, dropout=0.0, seed=seed)
+
+    meta2 = M.MetaTeacher(enc(1), num_labels=2, num_domains=len(DOMAINS), dropout=0.0).eval()
+    single = M.ClassifierTeacher(enc(2), num_labels=2, dropout=0.0).eval()
+    meta2.save_pretrained(tmp_path / "meta2", tok)
+    single.save_pretrained(tmp_path / "single", tok)
+    store = Storage(str(tmp_path / "store"))
+    jobs = [K.cache_job(s.cfg, store, s.teacher_dir, TARGET, s.train, GMAP, s.protos),
+            K.cache_job(s.cfg, store, tmp_path / "meta2", TARGET, s.train, GMAP, s.protos),
+            K.cache_job(s.cfg, store, tmp_path / "single", TARGET, s.train, GMAP)]
+    runs = K.JOB_RUNS
+    refs = K.ensure_caches(s.cfg, jobs, rows_per_block=8)
+    assert K.JOB_RUNS == runs + 2  # the two meta teachers share one job, the classifier teacher has its own
+    assert all(r.built for r in refs) and len({r.fingerprint for r in refs}) == 3
+    assert refs[1].manifest["shared_job"]["caches"] == 2 and "shared_job" not in refs[2].manifest
+    assert [r.manifest["has_domain_hidden"] for r in refs] == [True, True, False]
+    # the module's cache, built alone, has the same fingerprint: the key does not depend on how it was built
+    assert refs[0].fingerprint == s.ref.fingerprint
+    # each cache holds its own teacher's outputs
+    batch = next(iter(DataLoader(s.train, batch_size=16, collate_fn=D.collator(tok))))
+    mask = batch["attention_mask"].bool()
+    for ref, model in zip(refs, (s.teacher, meta2, single)):
+        unload(ref.fingerprint)
+        a, b = LiveTeacher(model, GMAP)(batch), CachedTeacher(ref, GMAP)(batch)
+        torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-6)
+        for g, x, y in zip(GMAP, a.hidden_states, b.hidden_states):
+            _close(x[mask], y[mask], f"hidden state {g}")
+        unload(ref.fingerprint)
+    # all three found again: no job
+    again = K.ensure_caches(s.cfg, jobs, rows_per_block=8)
+    assert K.JOB_RUNS == runs + 2 and not any(r.built for r in again)

@@ -242,7 +242,7 @@ def test_caches_over_the_disk_budget_run_in_waves_and_resume(project):
     # a rerun finds both waves finished: no cache rebuilt, no trial rerun
     r2 = run_sweep(cfg_path, *overrides)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
-    assert r2.stdout.count("finished in an earlier run") == 2 and "[sweep] cache " not in r2.stdout
+    assert r2.stdout.count("finished in an earlier run") == 2 and "[sweep] caches (" not in r2.stdout
     df2 = load_results(sd)
     assert sorted(df2["trial_id"]) == sorted(df["trial_id"]) and set(df2["status"]) == {"TERMINATED"}
     assert yaml.safe_load((sd / "config.yaml").read_text())["storage"]["cache_max_gb"] == pytest.approx(budget_gb)
