@@ -217,6 +217,7 @@ class RayConfig:
     num_cpus: int = _f(0, 0, 100000)  # embedded Ray only; 0 = all of the machine's CPUs
     train_workers: int = _f(1, 0, 10000)  # Ray Train workers per teacher run (0 = in the driver)
     cpus_per_worker: float = _f(1.0, 0.0, 1024.0)
+    train_max_failures: int = _f(1, 0, 100)  # a failed teacher run is retried this often from its latest checkpoint
     use_gpu: bool = False
     cache_actors: int = _f(1, 1, 10000)
     cpus_per_actor: float = _f(1.0, 0.0, 1024.0, lo_open=True)

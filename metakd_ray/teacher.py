@@ -316,7 +316,7 @@ class TeacherArtefact:
 def ensure_teacher(cfg: C.Config, spec: TeacherSpec, storage: Storage, *,
                    inputs: Callable[[C.Config], TeacherInputs] | None = None,
                    log: Callable[[dict], None] | None = None, epoch_hook: Callable[[dict], None] | None = None,
-                   max_failures: int = 1, keep_checkpoints: bool = False) -> TeacherArtefact:
+                   max_failures: int | None = None, keep_checkpoints: bool = False) -> TeacherArtefact:
     """Make the teacher of ``spec`` under ``teachers/<spec.key>/`` unless its manifest exists (then nothing runs).
 
     Steps, each reused when its output exists: prototype scores, the Ray Train run (resumes from its latest
@@ -332,7 +332,8 @@ def ensure_teacher(cfg: C.Config, spec: TeacherSpec, storage: Storage, *,
     every worker (default: ``teacher_job.load_inputs``, from the config; tests pass a tiny picklable factory).
     ``log`` gets driver-side progress events; ``epoch_hook`` runs in every worker with each epoch's metrics
     before that epoch's checkpoint is saved (tests inject failures with it). A Ray run that fails is retried
-    ``max_failures`` times from its latest checkpoint, then ``ray.train.TrainingFailedError`` is raised.
+    ``max_failures`` (default ``cfg.ray.train_max_failures``) times from its latest checkpoint, then
+    ``ray.train.TrainingFailedError`` is raised.
     With ``train_workers >= 1`` and no Ray yet, it connects with ``raycluster.connect_ray(cfg)``.
     """
     if storage.is_file("teachers", spec.key, MANIFEST):
@@ -341,7 +342,8 @@ def ensure_teacher(cfg: C.Config, spec: TeacherSpec, storage: Storage, *,
     from metakd_ray import teacher_job  # imports ray.train.torch (~4 s): only when a teacher is made
 
     return teacher_job.make_teacher(cfg, spec, storage, inputs=inputs or teacher_job.load_inputs, log=log,
-                                    epoch_hook=epoch_hook, max_failures=max_failures,
+                                    epoch_hook=epoch_hook,
+                                    max_failures=cfg.ray.train_max_failures if max_failures is None else max_failures,
                                     keep_checkpoints=keep_checkpoints)
 
 

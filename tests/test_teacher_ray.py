@@ -158,11 +158,11 @@ def test_two_workers_match_one(ray_session, tmp_path):
 @pytest.mark.ray
 @pytest.mark.timeout(240)
 def test_killed_run_resumes_from_its_checkpoint(ray_session, tmp_path, local_meta):
-    cfg = tiny_config(tmp_path, "ray.train_workers=1")
+    cfg = tiny_config(tmp_path, "ray.train_workers=1", "ray.train_max_failures=0")  # no retry: the failure surfaces
     spec = teacher_spec(cfg, "meta", None, 0.5, 0)
     storage = Storage(cfg.storage.root)
     with pytest.raises(ray.train.TrainingFailedError, match="injected failure in epoch 2"):
-        ensure_teacher(cfg, spec, storage, inputs=ToyInputs(), epoch_hook=FailAtEpoch(2), max_failures=0)
+        ensure_teacher(cfg, spec, storage, inputs=ToyInputs(), epoch_hook=FailAtEpoch(2))
     run = storage.local_path("teachers", spec.key, "train")
     assert not storage.exists("teachers", spec.key, MANIFEST)
     assert sorted(p.name for p in run.glob("checkpoint_epoch=*")) == ["checkpoint_epoch=0001"]  # num_to_keep=1
