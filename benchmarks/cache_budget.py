@@ -36,7 +36,7 @@ from metakd_ray import models as M  # noqa: E402
 from metakd_ray.cache import estimate_bytes, student_layer_map  # noqa: E402
 from metakd_ray.cache_format import stored_layers  # noqa: E402
 from metakd_ray.sweep import plan  # noqa: E402
-from metakd_ray.sweep_run import CacheGroup, plan_waves  # noqa: E402
+from metakd_ray.sweep_run import CacheGroup, cells_by_cache, plan_waves  # noqa: E402
 from metakd_ray.trial import student_data  # noqa: E402
 
 
@@ -51,13 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     enc, tokenizer = M.load_encoder(cfg.model.teacher)
     hidden, n_layers = enc.config.hidden_size, enc.config.num_hidden_layers
     matrices = len(stored_layers(student_layer_map(cfg, n_layers)))
-    cells_of: dict[tuple, list[dict]] = {}
-    for c in p["cells"]:
-        if c.get("teacher_key"):
-            cells_of.setdefault((c["teacher_key"], c["domain"], c["rate"], c["seed"]), []).append(c)
     groups, examples, tokens = {}, 0, 0
     lengths_of: dict[tuple, list[int]] = {}  # the data of (domain, rate, seed) is the same whatever the teacher
-    for key, cells in cells_of.items():
+    for key, cells in cells_by_cache(p["cells"]).items():
         _, domain, rate, seed = key
         if (domain, rate, seed) not in lengths_of:
             train = student_data(cfg, splits, tokenizer, domain, rate, seed, None).train

@@ -135,7 +135,7 @@ def run(cfg: C.Config) -> int:
     connect_ray(cfg)
     costs = build_teachers(cfg, p, storage)
     groups = cache_groups(cfg, p, storage)
-    budget = cfg.storage.cache_max_gb * 1e9 if cfg.storage.cache_max_gb > 0 else None
+    budget = cache_budget(cfg)
     prev_plan = _read_json(storage, "sweeps", cfg.name, "plan.json") or {}
     prev_costs = _read_json(storage, "sweeps", cfg.name, "costs.json") or {}
     p["waves"] = prev_plan.get("waves") or plan_waves(p["cells"], groups, budget)
@@ -187,6 +187,20 @@ def _read_json(storage: Storage, *parts: str) -> Any:
     return storage.read_json(*parts) if storage.is_file(*parts) else None
 
 
+def cache_budget(cfg: C.Config) -> float | None:
+    """``storage.cache_max_gb`` in bytes, None when 0 (no budget)."""
+    return cfg.storage.cache_max_gb * 1e9 if cfg.storage.cache_max_gb > 0 else None
+
+
+def cells_by_cache(cells: list[dict]) -> dict[tuple, list[dict]]:
+    """The cells with a teacher, grouped by the cache that serves them: (teacher key, domain, rate, seed)."""
+    out: dict[tuple, list[dict]] = {}
+    for c in cells:
+        if c.get("teacher_key"):
+            out.setdefault((c["teacher_key"], c["domain"], c["rate"], c["seed"]), []).append(c)
+    return out
+
+
 def experiment_name(wave: int) -> str:
     """The Tune experiment of wave ``wave`` (1-based) under ``sweeps/<name>/``: ``tune``, ``tune-2``, ..."""
     return "tune" if wave == 1 else f"tune-{wave}"
@@ -215,7 +229,7 @@ def build_artefacts(cfg: C.Config, p: dict, storage: Storage) -> dict:
     """Every teacher, then every cache (one wave, whatever the budget): fills each cell's ``teacher_key`` and
     ``cache_key`` and returns the costs (see :func:`build_teachers`, :func:`build_caches`)."""
     costs = build_teachers(cfg, p, storage)
-    budget = cfg.storage.cache_max_gb * 1e9 if cfg.storage.cache_max_gb > 0 else None
+    budget = cache_budget(cfg)
     build_caches(cfg, list(cache_groups(cfg, p, storage).values()), storage, costs, budget, "all cells")
     return costs
 
@@ -275,12 +289,8 @@ def cache_groups(cfg: C.Config, p: dict, storage: Storage) -> dict[tuple, CacheG
     specs = {t.key: t for t in T.teacher_specs_for(cfg)}
     splits = D.load_splits(cfg.data)
     _, tokenizer = M.load_encoder(cfg.model.teacher)
-    cells_of: dict[tuple, list[dict]] = {}
-    for c in p["cells"]:
-        if c.get("teacher_key"):
-            cells_of.setdefault((c["teacher_key"], c["domain"], c["rate"], c["seed"]), []).append(c)
     groups = {}
-    for (key, domain, rate, seed), cells in cells_of.items():
+    for (key, domain, rate, seed), cells in cells_by_cache(p["cells"]).items():
         scores = T.read_prototype_scores(storage, key)
         data = student_data(cfg, splits, tokenizer, domain, rate, seed, scores)
         enc_cfg = storage.read_json("teachers", key, "model", "encoder", "config.json")
