@@ -21,18 +21,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from metakd_ray import losses
-from metakd_ray.config import DistillConfig
+from metakd_ray.config import STUDENT_METHODS, DistillConfig
 from metakd_ray.models import Student
 from metakd_ray.training import (Checkpointer, LocalCheckpointer, StageConfig, StageResult, accuracy_by_domain, model_inputs,
                                  train_stage)
 
-STUDENT_METHODS = ("finetune", "tinybert_kd", "meta_kd")
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,15 @@ class TeacherRecord:
 
 
 class TeacherSource(Protocol):
-    """Gives the teacher's record for a collated batch (``needs_layers=False``: logits and h_d only)."""
+    """Gives the teacher's record for a collated batch (``needs_layers=False``: logits and h_d only).
+
+    ``kind``: ``"live"`` or ``"cache"``; ``layer_map``: g; ``hidden_size``: the teacher's width dt;
+    ``domain_hidden_size``: the width of its h_d (None without a domain head) — what a student is shaped by."""
+
+    kind: str
+    layer_map: tuple[int, ...]
+    hidden_size: int
+    domain_hidden_size: int | None
 
     def __call__(self, batch: dict, needs_layers: bool = True) -> TeacherRecord: ...
 
@@ -57,8 +64,12 @@ class LiveTeacher:
     """Runs the teacher on each batch, in eval mode (``dropout=True`` keeps its dropout on, as the reference
     code does), without gradients; keeps only the layers ``layer_map`` selects."""
 
+    kind = "live"
+
     def __init__(self, teacher: nn.Module, layer_map: tuple[int, ...], dropout: bool = False):
         self.teacher, self.layer_map, self.dropout = teacher, tuple(layer_map), dropout
+        self.hidden_size = teacher.encoder.config.hidden_size
+        self.domain_hidden_size = teacher.domain_hidden_size
 
     @torch.no_grad()
     def __call__(self, batch: dict, needs_layers: bool = True) -> TeacherRecord:
@@ -73,19 +84,38 @@ class LiveTeacher:
         return TeacherRecord(out.logits, hidden, scores, out.domain_hidden, batch.get("prototype_scores"))
 
 
-def student_loss(method: str, stage: str, student: Student, batch: dict, teacher: TeacherSource | None,
+Objective = Literal["hard_ce", "layers", "soft_ce", "kd"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a student method: its ``name`` (the checkpoint directory and the ``stage`` of every logged
+    metric), the objective it minimises, its optimisation settings and whether it keeps its dev-best epoch.
+
+    Objectives: ``hard_ce`` (fine-tuning on labels), ``layers`` (stage 1: embedding, hidden and attention losses,
+    plus L_TKD for meta_kd), ``soft_ce`` (stage 2: soft cross-entropy against the teacher's logits), ``kd`` (the
+    paper's single objective L_KD: the layer losses plus soft CE)."""
+
+    name: str
+    objective: Objective
+    config: StageConfig
+    select_on_dev: bool
+
+
+def student_loss(method: str, objective: Objective, student: Student, batch: dict, teacher: TeacherSource | None,
                  dcfg: DistillConfig) -> losses.LossTerms:
-    """The loss of one batch. ``stage``: ``"1"`` (layer objective), ``"2"`` (soft CE), ``"one"`` (L_KD)."""
+    """The loss of one batch of ``method`` (a student method) under ``objective`` (see :class:`Stage`)."""
     labels, mask = batch["labels"], batch["attention_mask"]
-    if method == "finetune":
+    if objective == "hard_ce":
         out = student(**model_inputs(batch), domain_ids=batch["domain_ids"])
         ce = losses.hard_cross_entropy(out.logits, labels)
         return losses.LossTerms(total=ce.mean(), terms={"ce": ce.detach()})
-    assert teacher is not None, f"{method} needs a teacher"
-    needs_layers = stage in ("1", "one")
+    if teacher is None:
+        raise ValueError(f"student method {method!r} needs a teacher")
+    needs_layers = objective in ("layers", "kd")
     rec = teacher(batch, needs_layers=needs_layers)
     out = student(**model_inputs(batch), domain_ids=batch["domain_ids"], with_attention_scores=needs_layers)
-    if stage == "2":  # stage 2 of the reference code: soft CE, unweighted
+    if objective == "soft_ce":  # stage 2 of the reference code: soft CE, unweighted
         return losses.stage2_objective(out.logits, rec.logits, temperature=dcfg.temperature,
                                        scale_by_t2=dcfg.scale_by_t2)
     meta = method == "meta_kd"
@@ -105,25 +135,28 @@ def student_loss(method: str, stage: str, student: Student, batch: dict, teacher
         gamma2=dcfg.gamma2,
         include_padding=dcfg.include_padding,
     )
-    if stage == "1":
+    if objective == "layers":
         return losses.stage1_objective(**layer_args)
     return losses.single_stage_objective(**layer_args, student_logits=out.logits, teacher_logits=rec.logits,
                                          temperature=dcfg.temperature, scale_by_t2=dcfg.scale_by_t2)
 
 
-def stage_plan(method: str, dcfg: DistillConfig) -> list[tuple[str, StageConfig, bool]]:
-    """(stage key, optimisation settings, select on dev) for each stage ``method`` runs, in order."""
-    common = dict(weight_decay=dcfg.weight_decay, grad_norm=dcfg.grad_norm)
-    stage2 = StageConfig("stage2", dcfg.stage2_epochs, dcfg.stage2_lr, warmup=dcfg.warmup, **common)
+def stage_plan(method: str, dcfg: DistillConfig) -> list[Stage]:
+    """The stages ``method`` runs, in order (``distill.stages``; stage 1 is skipped when ``stage1_epochs`` is 0)."""
+    if method not in STUDENT_METHODS:
+        raise ValueError(f"student method {method!r} is not allowed; expected one of {', '.join(STUDENT_METHODS)}")
+    common = dict(weight_decay=dcfg.weight_decay, grad_norm=dcfg.grad_norm, warmup=dcfg.warmup)
     if method == "finetune":
-        return [("2", dataclasses.replace(stage2, name="finetune"), True)]
+        return [Stage("finetune", "hard_ce", StageConfig("finetune", dcfg.stage2_epochs, dcfg.stage2_lr, **common),
+                      True)]
     if dcfg.stages == "one":
-        return [("one", StageConfig("one", dcfg.stage1_epochs, dcfg.stage1_lr, warmup=dcfg.warmup, **common), True)]
+        return [Stage("one", "kd", StageConfig("one", dcfg.stage1_epochs, dcfg.stage1_lr, **common), True)]
     plan = []
-    if dcfg.stage1_epochs > 0:
-        plan.append(("1", StageConfig("stage1", dcfg.stage1_epochs, dcfg.stage1_lr, warmup=0.0,
-                                      schedule="constant", **common), False))
-    return plan + [("2", stage2, True)]
+    if dcfg.stage1_epochs > 0:  # constant lr, no warmup, no dev selection (reference code)
+        plan.append(Stage("stage1", "layers", StageConfig("stage1", dcfg.stage1_epochs, dcfg.stage1_lr,
+                                                          schedule="constant", **{**common, "warmup": 0.0}), False))
+    return plan + [Stage("stage2", "soft_ce", StageConfig("stage2", dcfg.stage2_epochs, dcfg.stage2_lr, **common),
+                         True)]
 
 
 def student_logits(model: nn.Module, batch: dict) -> Tensor:
@@ -141,29 +174,28 @@ def distill(
     domain_names: tuple[str, ...],
     seed: int = 0,
     checkpoint_dir: str | Path | None = None,
-    checkpointer: Callable[[str], Checkpointer] | None = None,
+    checkpointer: Callable[[Stage], Checkpointer] | None = None,
     log: Callable[[dict], None] | None = None,
 ) -> list[StageResult]:
     """Distil (or fine-tune) ``student`` on the target domain's ``train_loader``; stages as ``dcfg.stages`` says.
     The final stage keeps the epoch with the best accuracy on ``dev_loader`` (the target domain's dev split).
     Each stage checkpoints every epoch and a rerun resumes: to ``<checkpoint_dir>/<stage>``, or through
-    ``checkpointer(stage name)`` (a Ray Tune trial reports its checkpoints to Tune)."""
+    ``checkpointer(stage)`` (a sweep trial keeps its own state and reports to Tune)."""
     if checkpointer is None and checkpoint_dir is not None:
-        checkpointer = lambda name: LocalCheckpointer(Path(checkpoint_dir) / name)  # noqa: E731
-    if method not in STUDENT_METHODS:
-        raise ValueError(f"student method {method!r} is not allowed; expected one of {', '.join(STUDENT_METHODS)}")
+        checkpointer = lambda stage: LocalCheckpointer(Path(checkpoint_dir) / stage.name)  # noqa: E731
     if method != "finetune" and teacher is None:
         raise ValueError(f"student method {method!r} needs a teacher")
     results = []
-    for key, stage, select in stage_plan(method, dcfg):
+    for stage in stage_plan(method, dcfg):
         results.append(train_stage(
             student,
-            lambda batch, _gen, key=key: student_loss(method, key, student, batch, teacher, dcfg),
+            lambda batch, _gen, obj=stage.objective: student_loss(method, obj, student, batch, teacher, dcfg),
             train_loader,
-            stage,
-            evaluate=(lambda: accuracy_by_domain(student, dev_loader, domain_names, student_logits)) if select else None,
+            stage.config,
+            evaluate=((lambda: accuracy_by_domain(student, dev_loader, domain_names, student_logits))
+                      if stage.select_on_dev else None),
             seed=seed,
-            checkpointer=checkpointer(stage.name) if checkpointer else None,
+            checkpointer=checkpointer(stage) if checkpointer else None,
             log=log,
             extra_state={"distill_config": dataclasses.asdict(dcfg), "method": method},
         ))

@@ -14,64 +14,18 @@ import copy
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import datasets
 from torch import nn
 
+from metakd_ray import cell as CELL
 from metakd_ray import config as C
 from metakd_ray import data as D
 from metakd_ray import models as M
-from metakd_ray.cells import filter_domains as _filter
-from metakd_ray.cells import loader, teacher_domains, tokenize_splits, training_pool, with_prototype_scores
-from metakd_ray.distill import LiveTeacher, distill, student_logits
-from metakd_ray.teacher import build_teacher, pool_prototype_scores, teacher_logits, train_teacher
+from metakd_ray.distill import LiveTeacher
+from metakd_ray.teacher.model import build_teacher, pool_prototype_scores, teacher_logits, train_teacher
 from metakd_ray.training import LocalCheckpointer, accuracy_by_domain, atomic_export
-
-
-@dataclass(frozen=True)
-class CellData:
-    """Tokenised data of one cell: the teacher's training/dev sets, the student's (target domain) sets, and every
-    domain's test set; all carry ``prototype_score``."""
-
-    teacher_train: datasets.Dataset
-    teacher_dev: datasets.Dataset
-    student_train: datasets.Dataset
-    student_dev: datasets.Dataset
-    test: datasets.Dataset
-    domains: tuple[str, ...]
-    teacher_domains: tuple[str, ...]
-    num_labels: int
-
-
-def split_method(method: str) -> tuple[str, str]:
-    """``"meta/meta_kd"`` -> ("meta", "meta_kd"); ``"none/finetune"`` -> ("none", "finetune")."""
-    if method not in C.VALID_METHODS:
-        raise ValueError(f"method {method!r} is not allowed; expected one of {', '.join(C.VALID_METHODS)}")
-    kind, student = method.split("/")
-    return kind, student
-
-
-def prepare_cell(cfg: C.Config, splits: D.Splits, tokenizer: Any, encoder: nn.Module, target: str, kind: str,
-                 rate: float, seed: int) -> CellData:
-    """Subsample (``data.scarcity``), tokenise, and attach prototype scores computed by the frozen pre-trained
-    ``encoder`` over the training pool (the union of every domain's subsampled training data)."""
-    domains = splits.domains
-    tok = tokenize_splits(cfg, tokenizer, train=training_pool(cfg, splits, target, rate, seed), dev=splits["dev"],
-                          test=splits["test"])
-    excluded = domains.index(target) if cfg.teacher.exclude_target and kind not in ("single", "none") else None
-    scores = pool_prototype_scores(encoder, tok["train"], D.collator(tokenizer), cfg, len(domains), splits.num_labels,
-                                   excluded_domain=excluded)
-    tok["train"] = with_prototype_scores(tok["train"], scores.tolist())
-    for name in ("dev", "test"):  # not used for training; zeros keep batches uniform
-        tok[name] = with_prototype_scores(tok[name], None)
-    tdoms = teacher_domains(kind, target, domains, cfg.teacher.exclude_target) if kind != "none" else (target,)
-    return CellData(
-        teacher_train=_filter(tok["train"], tdoms, domains), teacher_dev=_filter(tok["dev"], tdoms, domains),
-        student_train=_filter(tok["train"], (target,), domains), student_dev=_filter(tok["dev"], (target,), domains),
-        test=tok["test"], domains=domains, teacher_domains=tdoms, num_labels=splits.num_labels)
 
 
 def run_cell(cfg: C.Config, target: str, method: str, rate: float, seed: int, out_dir: Path, *,
@@ -79,7 +33,7 @@ def run_cell(cfg: C.Config, target: str, method: str, rate: float, seed: int, ou
              log: Callable[[dict], None] | None = None) -> dict:
     """Train the teacher (unless ``finetune``) and the student of one cell; return per-domain test accuracies.
     ``splits``/``encoder``/``tokenizer`` may be passed in (tests use a tiny random encoder)."""
-    kind, student_method = split_method(method)
+    kind, student_method = CELL.split_method(method)
     out_dir = Path(out_dir)
     C.write_resolved(cfg, out_dir)
     t0 = time.time()
@@ -87,44 +41,35 @@ def run_cell(cfg: C.Config, target: str, method: str, rate: float, seed: int, ou
     if encoder is None:
         encoder, tokenizer = M.load_encoder(cfg.model.teacher, dropout=cfg.model.dropout)
     M.check_max_length(encoder, cfg.data.max_length)
-    pretrained = copy.deepcopy(encoder)  # the student starts from the pre-trained encoder, not the fine-tuned one
-    cell = prepare_cell(cfg, splits, tokenizer, encoder, target, kind, rate, seed)
-    collate = D.collator(tokenizer)
-    domains, k, c = cell.domains, len(cell.domains), cell.num_labels
+    domains, collate = splits.domains, D.collator(tokenizer)
+    ids, scores = pool_prototype_scores(cfg, splits, encoder, tokenizer, kind, target, rate, seed)
+    scores_by_id = dict(zip(ids, scores.tolist()))
+    data = CELL.student_data(cfg, splits, tokenizer, target, rate, seed, scores_by_id)
     result: dict[str, Any] = {"target": target, "method": method, "rate": rate, "seed": seed,
-                              "n_teacher_train": len(cell.teacher_train), "n_student_train": len(cell.student_train)}
-    teacher = None
-    if kind != "none":
-        teacher = build_teacher(kind, encoder, c, k, cfg.model)
-        tres = train_teacher(teacher, kind, loader(cell.teacher_train, collate, cfg.teacher.batch_size, True, seed),
-                             loader(cell.teacher_dev, collate, 64, False), cfg.teacher, num_domains=k,
-                             domain_names=domains, seed=seed,
-                             checkpointer=LocalCheckpointer(out_dir / "teacher"), log=log)
-        atomic_export(lambda d: teacher.save_pretrained(d, tokenizer), out_dir / "teacher" / "best")
-        result["teacher_dev"] = tres.best_dev
-        teacher_test = loader(_filter(cell.test, cell.teacher_domains, domains), collate, 64, shuffle=False)
-        result["teacher_test"] = accuracy_by_domain(teacher, teacher_test, domains, teacher_logits)
-
-    student_encoder = M.build_student(cfg.model, pretrained, tokenizer)
-    meta = student_method == "meta_kd"
-    if student_method != "finetune":
-        M.check_attention_compatible(pretrained, student_encoder)
-    student = M.Student(student_encoder, c, teacher_hidden_size=encoder.config.hidden_size,
-                        teacher_domain_hidden_size=teacher.domain_hidden_size if meta else None,
-                        num_domains=k if meta else None, pooling=cfg.model.pooling, dropout=cfg.model.dropout)
+                              "n_student_train": len(data.train)}
     source = None
-    if teacher is not None:
-        gmap = M.layer_map(student_encoder.config.num_hidden_layers, encoder.config.num_hidden_layers,
-                           M.kept_teacher_layers(student_encoder))
-        source = LiveTeacher(teacher, gmap, dropout=cfg.distill.teacher_dropout)
-    distill(student, student_method, source,
-            loader(cell.student_train, collate, cfg.distill.batch_size, True, seed),
-            loader(cell.student_dev, collate, 64, False), cfg.distill, domain_names=domains, seed=seed,
-            checkpoint_dir=out_dir / "student", log=log)
+    if kind != "none":
+        tdoms = CELL.teacher_domains(kind, target, domains, cfg.teacher.exclude_target)
+        train, dev = CELL.teacher_sets(cfg, splits, tokenizer, tdoms, target, rate, seed, scores_by_id)
+        # the teacher trains a copy: the student starts from the pre-trained encoder, not the fine-tuned one
+        teacher = build_teacher(kind, copy.deepcopy(encoder), splits.num_labels, len(domains), cfg.model)
+        tres = train_teacher(teacher, kind, CELL.loader(train, collate, cfg.teacher.batch_size, True, seed),
+                             CELL.eval_loader(dev, collate), cfg.teacher, num_domains=len(domains),
+                             domain_names=domains, seed=seed, checkpointer=LocalCheckpointer(out_dir / "teacher"),
+                             log=log)
+        atomic_export(lambda d: teacher.save_pretrained(d, tokenizer), out_dir / "teacher" / "best")
+        test = CELL.tokenize_splits(cfg, tokenizer, test=CELL.filter_domains(splits["test"], tdoms, domains))["test"]
+        result.update(n_teacher_train=len(train), teacher_dev=tres.best_dev,
+                      teacher_test=accuracy_by_domain(teacher, CELL.eval_loader(test, collate), domains,
+                                                      teacher_logits))
+        g = M.student_layer_map(cfg.model, encoder.config.num_hidden_layers)
+        source = LiveTeacher(teacher, g, dropout=cfg.distill.teacher_dropout)
+    student = CELL.build_student(cfg, encoder, tokenizer, student_method, splits.num_labels, len(domains), source)
+    run = CELL.train_student(cfg, data, student, student_method, source, tokenizer=tokenizer, domains=domains,
+                             seed=seed, checkpoint_dir=out_dir / "student", log=log)
     atomic_export(lambda d: student.save_pretrained(d, tokenizer), out_dir / "student" / "best")
-    target_test = loader(_filter(cell.test, (target,), domains), collate, 64, shuffle=False)
-    result["student_test"] = accuracy_by_domain(student, target_test, domains, student_logits)
-    result["params"] = M.describe_models(encoder, student_encoder)
+    result["student_test"] = run.test_accuracy
+    result["params"] = M.describe_models(encoder, student.encoder)
     result["seconds"] = time.time() - t0
     (out_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
     return result
@@ -146,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             raise C.ConfigError([f"--target: {target!r} is not in data.domains ({', '.join(cfg.data.domains)})"])
         rate = args.rate if args.rate is not None else cfg.sweep.sample_rates[0]
         D.check_rate(rate)
-        split_method(args.method)
+        CELL.split_method(args.method)
     except (C.ConfigError, ValueError) as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
@@ -162,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"\n{args.method} on {target}, rate {rate:g}, seed {seed}: "
-          f"{res['n_teacher_train']} teacher / {res['n_student_train']} student training examples")
+          f"{res.get('n_teacher_train', 0)} teacher / {res['n_student_train']} student training examples")
     if "teacher_test" in res:
         print("teacher test accuracy: " + ", ".join(f"{d} {a:.4f}" for d, a in res["teacher_test"].items()))
     print("student test accuracy: " + ", ".join(f"{d} {a:.4f}" for d, a in res["student_test"].items()))

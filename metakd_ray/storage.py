@@ -18,6 +18,7 @@ last, is there.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import posixpath
@@ -28,6 +29,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow.fs as pafs
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def hash_json(obj: Any) -> str:
+    """sha256 of ``obj`` as canonical JSON (sorted keys, no spaces): the fingerprint of a plain-data description."""
+    return sha256_hex(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
 
 
 class Storage:
@@ -49,6 +59,10 @@ class Storage:
 
     def __repr__(self) -> str:
         return f"Storage({self._uri!r})"
+
+    def sub(self, *parts: str) -> "Storage":
+        """A storage rooted at ``parts`` under this root (same filesystem)."""
+        return Storage(self.uri(*parts)) if "://" in self._uri or self.is_local else Storage(self.path(*parts), self.fs)
 
     # -- paths -------------------------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -76,6 +90,18 @@ class Storage:
         """Names directly under ``parts`` (sorted); [] if it does not exist."""
         sel = pafs.FileSelector(self.path(*parts), allow_not_found=True, recursive=False)
         return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(sel))
+
+    def walk(self, *parts: str) -> list[str]:
+        """Relative paths (``/``-separated) of every file under ``parts``, sorted; [] if it does not exist."""
+        base = self.path(*parts)
+        sel = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+        return sorted(posixpath.relpath(i.path, base) for i in self.fs.get_file_info(sel)
+                      if i.type == pafs.FileType.File)
+
+    def tree_size(self, *parts: str) -> int:
+        """Bytes of every file under ``parts``."""
+        sel = pafs.FileSelector(self.path(*parts), recursive=True, allow_not_found=True)
+        return sum(i.size or 0 for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File)
 
     def size(self, *parts: str) -> int:
         return self.fs.get_file_info(self.path(*parts)).size

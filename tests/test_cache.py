@@ -3,9 +3,11 @@ detection, and the same distillation trajectory from the cache as from the live 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -16,8 +18,10 @@ from toy import DOMAINS, tiny_config, toy_splits, toy_tokenizer
 from metakd_ray import cache as K
 from metakd_ray import data as D
 from metakd_ray import models as M
-from metakd_ray.cache_format import decode_matrix, design_bytes, encode_matrix, stored_layers
-from metakd_ray.cache_reader import CachedTeacher, load_cache, unload
+from metakd_ray.cache import build as KB
+from metakd_ray.cache import store as KS
+from metakd_ray.cache.format import decode_matrix, design_bytes, encode_matrix, stored_layers
+from metakd_ray.cache.reader import CachedTeacher, load_cache, unload
 from metakd_ray.distill import LiveTeacher, distill
 from metakd_ray.storage import Storage
 
@@ -63,7 +67,7 @@ def test_prune_evicts_least_recently_used_caches(tmp_path):
     st = Storage(str(tmp_path))
     for k, fp in enumerate(("a" * 32, "b" * 32, "c" * 32)):
         st.write_bytes(b"x" * 1000, K.CACHES, fp, "part-0.parquet")
-        st.write_bytes(str(100.0 + k).encode(), K.CACHES, fp, K.USED_MARK)  # a used first, c last
+        st.write_bytes(str(100.0 + k).encode(), K.CACHES, fp, KS.USED_MARK)  # a used first, c last
     assert sum(K.cache_sizes(st).values()) > 3000
     evicted = K.prune(st, max_total_bytes=2100, keep=("a" * 32,))
     assert evicted == ["b" * 32] and set(st.listdir(K.CACHES)) == {"a" * 32, "c" * 32}
@@ -95,7 +99,7 @@ def _tokenised(tokenizer, max_length):
 
 def _files(storage: Storage, ref: K.CacheRef) -> dict[str, float]:
     d = storage.local_path(*ref.parts)
-    return {p.name: p.stat().st_mtime_ns for p in d.iterdir() if p.name != K.USED_MARK}
+    return {p.name: p.stat().st_mtime_ns for p in d.iterdir() if p.name != KS.USED_MARK}
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +114,24 @@ def setup(ray_session, tmp_path_factory):
     protos = {i: 0.5 + 0.01 * k for k, i in enumerate(train["id"])}
     train = train.add_column("prototype_score", [protos[i] for i in train["id"]])
     storage = Storage(str(tmp / "store"))
-    runs = K.JOB_RUNS
-    ref = K.ensure_cache(cfg, storage, tmp / "teacher", TARGET, train, GMAP, protos, rows_per_block=8)
-    assert ref.built and K.JOB_RUNS == runs + 1
+    with counted_jobs() as jobs:
+        ref = K.ensure_cache(cfg, storage, tmp / "teacher", TARGET, train, GMAP, protos, rows_per_block=8)
+    assert ref.built and len(jobs) == 1
     return Setup(cfg, storage, tmp / "teacher", teacher, tokenizer, train, protos, ref)
+
+
+@contextlib.contextmanager
+def counted_jobs():
+    """Counts the Ray Data jobs run inside the block (``cache.build.run_teacher_job`` calls)."""
+    calls: list[int] = []
+    real = KB.run_teacher_job
+
+    def run(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with mock.patch.object(KB, "run_teacher_job", run):
+        yield calls
 
 
 def _ensure(s: Setup, train=None, **kw) -> K.CacheRef:
@@ -165,14 +183,15 @@ def test_cache_round_trips_to_the_live_teacher(setup):
 @pytest.mark.timeout(60)
 def test_same_fingerprint_skips_the_job(setup):
     s = setup
-    before, runs = _files(s.storage, s.ref), K.JOB_RUNS
-    again = _ensure(s)
-    assert again.fingerprint == s.ref.fingerprint and not again.built
-    assert K.JOB_RUNS == runs, "a cache hit must not run the Ray job"
-    assert _files(s.storage, again) == before, "a cache hit must not rewrite any file"
-    # the same split in another order, as another Dataset object: still the same cache
-    shuffled = s.train.shuffle(seed=1)
-    assert _ensure(s, train=shuffled).fingerprint == s.ref.fingerprint and K.JOB_RUNS == runs
+    before = _files(s.storage, s.ref)
+    with counted_jobs() as jobs:
+        again = _ensure(s)
+        assert again.fingerprint == s.ref.fingerprint and not again.built
+        assert not jobs, "a cache hit must not run the Ray job"
+        assert _files(s.storage, again) == before, "a cache hit must not rewrite any file"
+        # the same split in another order, as another Dataset object: still the same cache
+        shuffled = s.train.shuffle(seed=1)
+        assert _ensure(s, train=shuffled).fingerprint == s.ref.fingerprint and not jobs
 
 
 @pytest.mark.ray
@@ -194,9 +213,9 @@ def test_corrupt_files_are_detected_and_rebuilt(setup):
         unload(ref.fingerprint)
         with pytest.raises(K.CacheError):
             load_cache(ref)  # a reader never uses the altered bytes
-        runs = K.JOB_RUNS
-        rebuilt = _ensure(s)
-        assert rebuilt.built and K.JOB_RUNS == runs + 1, damage
+        with counted_jobs() as jobs:
+            rebuilt = _ensure(s)
+        assert rebuilt.built and len(jobs) == 1, damage
         assert rebuilt.fingerprint == s.ref.fingerprint
         K.verify(rebuilt)
         unload(ref.fingerprint)
@@ -259,7 +278,7 @@ def test_encode_cells_matches_per_example_encoding(precision):
     x = torch.randn(5, 9, 12)
     lens = np.array([9, 1, 4, 9, 7])
     real = torch.arange(9)[None, :] < torch.from_numpy(lens)[:, None]
-    got = K.encode_cells(x, real, lens, precision).to_pylist()
+    got = KB.encode_cells(x, real, lens, precision).to_pylist()
     assert got == [encode_matrix(x[i, :n].numpy(), precision) for i, n in enumerate(lens)]
 
 
@@ -290,9 +309,9 @@ def test_one_job_per_teacher_class_builds_several_caches(setup, tmp_path):
     jobs = [K.cache_job(s.cfg, store, s.teacher_dir, TARGET, s.train, GMAP, s.protos),
             K.cache_job(s.cfg, store, tmp_path / "meta2", TARGET, s.train, GMAP, s.protos),
             K.cache_job(s.cfg, store, tmp_path / "single", TARGET, s.train, GMAP)]
-    runs = K.JOB_RUNS
-    refs = K.ensure_caches(s.cfg, jobs, rows_per_block=8)
-    assert K.JOB_RUNS == runs + 2  # the two meta teachers share one job, the classifier teacher has its own
+    with counted_jobs() as ray_jobs:
+        refs = K.ensure_caches(s.cfg, jobs, rows_per_block=8)
+    assert len(ray_jobs) == 2  # the two meta teachers share one job, the classifier teacher has its own
     assert all(r.built for r in refs) and len({r.fingerprint for r in refs}) == 3
     assert refs[1].manifest["shared_job"]["caches"] == 2 and "shared_job" not in refs[2].manifest
     assert [r.manifest["has_domain_hidden"] for r in refs] == [True, True, False]
@@ -309,5 +328,6 @@ def test_one_job_per_teacher_class_builds_several_caches(setup, tmp_path):
             _close(x[mask], y[mask], f"hidden state {g}")
         unload(ref.fingerprint)
     # all three found again: no job
-    again = K.ensure_caches(s.cfg, jobs, rows_per_block=8)
-    assert K.JOB_RUNS == runs + 2 and not any(r.built for r in again)
+    with counted_jobs() as ray_jobs:
+        again = K.ensure_caches(s.cfg, jobs, rows_per_block=8)
+    assert not ray_jobs and not any(r.built for r in again)

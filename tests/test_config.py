@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +101,88 @@ def test_every_error_is_reported_at_once():
     errs = errors_of({"data": {"domians": []}, "distill": {"gamma2": -1}, "teacher": {"epochs": "3"}})
     assert len(errs) == 3
     assert [e.split(":")[0] for e in errs] == ["data.domians", "distill.gamma2", "teacher.epochs"]
+
+
+def test_errors_of_every_section_are_reported_together():
+    errs = errors_of({"data": {"max_length": 2}, "sweep": {"methods": ["meta/tinybert"]},
+                      "model": {"student": {"layers": [4, 2, 6]}, "dropout": 1.0}})
+    assert [e.split(":")[0] for e in errs] == ["data.max_length", "sweep.methods[0]", "model.student.layers",
+                                               "model.dropout"]
+
+
+# Constructing a section directly checks it and gives the YAML path's message for the same value.
+DIRECT = [
+    # (id, construct, the same value as YAML data)
+    ("temperature", lambda: C.DistillConfig(temperature=-1.0), {"distill": {"temperature": -1.0}}),
+    ("replace-method", lambda: dataclasses.replace(C.SweepConfig(), methods=("meta/typo",)),
+     {"sweep": {"methods": ["meta/typo"]}}),
+    ("method-hint", lambda: C.SweepConfig(methods=("meta/tinybert",)), {"sweep": {"methods": ["meta/tinybert"]}}),
+    ("stage2-epochs", lambda: C.DistillConfig(stage2_epochs=0), {"distill": {"stage2_epochs": 0}}),
+    ("literal-hint", lambda: C.TeacherConfig(prototypes="clas"), {"teacher": {"prototypes": "clas"}}),
+    ("layers", lambda: C.StudentConfig(num_layers=3, layers=(4, 2, 6)),
+     {"model": {"student": {"num_layers": 3, "layers": [4, 2, 6]}}}),
+    ("random-heads", lambda: C.StudentConfig(source="random", hidden_size=100),
+     {"model": {"student": {"source": "random", "hidden_size": 100}}}),
+    ("rate", lambda: C.SweepConfig(sample_rates=(0.0,)), {"sweep": {"sample_rates": [0.0]}}),
+    ("tune", lambda: C.SweepConfig(tune=("temprature",)), {"sweep": {"tune": ["temprature"]}}),
+    ("gamma2-axis", lambda: C.SweepConfig(gamma2=(0.5, 200.0)), {"sweep": {"gamma2": [0.5, 200.0]}}),
+    ("no-seeds", lambda: C.SweepConfig(seeds=()), {"sweep": {"seeds": []}}),
+    ("cache-actors", lambda: C.RayConfig(cache_actors=0), {"ray": {"cache_actors": 0}}),
+    ("gpu-workers", lambda: C.RayConfig(use_gpu=True, train_workers=0), {"ray": {"use_gpu": True, "train_workers": 0}}),
+    ("no-domains", lambda: C.DataConfig(domains=()), {"data": {"domains": []}}),
+    ("domain-hint", lambda: C.DataConfig(domains=("books", "dvds")), {"data": {"domains": ["books", "dvds"]}}),
+    ("table-files", lambda: C.DataConfig(dataset="table", domains=("a",)),
+     {"data": {"dataset": "table", "domains": ["a"]}}),
+    ("dev-fraction", lambda: C.TableConfig(dev_fraction=1.0), {"data": {"table": {"dev_fraction": 1.0}}}),
+    ("target-domain", lambda: C.Config(sweep=C.SweepConfig(target_domains=("nope",))),
+     {"sweep": {"target_domains": ["nope"]}}),
+    ("root-seed", lambda: C.Config(seed=-1), {"seed": -1}),
+    ("int-given-bool", lambda: C.TeacherConfig(batch_size=True), {"teacher": {"batch_size": True}}),
+    ("float-given-str", lambda: C.DistillConfig(gamma2="high"), {"distill": {"gamma2": "high"}}),
+    ("list-given-str", lambda: C.DataConfig(domains="books"), {"data": {"domains": "books"}}),
+    ("storage", lambda: C.StorageConfig(cache_max_gb=float("inf")), {"storage": {"cache_max_gb": float("inf")}}),
+    ("model", lambda: C.ModelConfig(pooling="cls"), {"model": {"pooling": "cls"}}),
+    ("several", lambda: C.DistillConfig(stages="three", temperature=0, stage2_epochs=0),
+     {"distill": {"stages": "three", "temperature": 0, "stage2_epochs": 0}}),
+]
+
+
+@pytest.mark.parametrize("make,data", [d[1:] for d in DIRECT], ids=[d[0] for d in DIRECT])
+def test_constructing_a_bad_section_raises_the_yaml_message(make, data):
+    expected = errors_of(data)
+    with pytest.raises(C.ConfigError) as ei:
+        make()
+    assert ei.value.errors == expected
+    assert str(ei.value) == "\n".join(expected)
+    assert isinstance(ei.value, ValueError)
+
+
+def test_constructed_sections_are_coerced_and_equal_the_yaml_ones():
+    built = C.DistillConfig(temperature=2, gamma2=1)
+    assert built == C.from_dict({"distill": {"temperature": 2, "gamma2": 1}}).distill
+    assert type(built.temperature) is float and type(built.gamma2) is float
+    sweep = C.SweepConfig(sample_rates=[1, 0.5], seeds=[0, 1], target_domains=["books"])
+    assert sweep == C.from_dict({}, ["sweep.sample_rates=[1, 0.5]", "sweep.seeds=[0, 1]",
+                                     "sweep.target_domains=[books]"]).sweep
+    assert sweep.sample_rates == (1.0, 0.5) and type(sweep.sample_rates[0]) is float
+    assert isinstance(sweep.seeds, tuple)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sweep.seeds = (2,)  # type: ignore[misc]
+    cfg = C.Config(distill=built, sweep=sweep)
+    assert cfg == C.from_dict(C.to_dict(cfg))
+    assert C.Config() == C.from_dict({})
+    assert dataclasses.replace(cfg.distill, stage2_epochs=1).stage2_epochs == 1
+
+
+def test_tunable_names_live_in_one_place():
+    assert C.TUNABLE_NAMES == tuple(C.TUNABLE) == C.SweepConfig().tune
+    assert all(lo < hi for lo, hi, _ in C.TUNABLE.values())
+
+
+def test_config_error_pickles_with_its_errors():
+    err = pickle.loads(pickle.dumps(C.ConfigError(["a: bad", "b: bad"], "x.yaml")))
+    assert err.errors == ["a: bad", "b: bad"] and err.source == "x.yaml"
+    assert str(err) == "x.yaml: a: bad\nx.yaml: b: bad"
 
 
 def run_cli(*args):

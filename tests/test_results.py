@@ -1,8 +1,10 @@
-"""Results layer: per-trial DataFrame, cells, improvement rate, paper table, plots, CLI — on hand-made sweep
-directories (the logic) and on one real Ray Tune experiment (the exact files Tune writes)."""
+"""Results layer: per-trial DataFrame, cells, improvement rate, paper table, plots, CLI — on sweep directories
+written with the sweep's own record classes (plan.json, trials/<key>.json, costs.json). A real sweep's records are
+read in tests/test_sweep.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,6 +14,9 @@ import pandas as pd
 import pytest
 
 from metakd_ray import results as R
+from metakd_ray.storage import Storage
+from metakd_ray.sweep.plan import Cell, Plan
+from metakd_ray.sweep.records import TrialRecord, TrialStore, trial_key
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -19,57 +24,49 @@ BASE, OURS = "single/tinybert_kd", "meta/meta_kd"
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Hand-made sweep directories, in the layout the sweep driver and Tune write
+# Sweep directories in the layout the sweep driver and its trials write
 # ----------------------------------------------------------------------------------------------------------
 
 
-def cell_id(domain, rate, method, seed, gamma2=None) -> str:
-    return f"{domain}|{rate:g}|{method}|{seed}|{'-' if gamma2 is None else f'{gamma2:g}'}"
-
-
 class Sweep:
-    """Builds <root>/tune/<trial>/{params.json,result.json,error.txt}, plan.json and costs.json."""
+    """Builds <root>/plan.json, trials/<key>.json (each trial's own record) and costs.json, as the sweep writes
+    them (through the same record classes)."""
 
     def __init__(self, root: Path):
-        self.root, self.tune = root, root / "tune"
-        self.tune.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.store = TrialStore(Storage(str(root)))
         self.n, self.plan = 0, []
 
     def cell(self, domain, rate, method, seed, gamma2=None) -> str:
-        cid = cell_id(domain, rate, method, seed, gamma2)
-        self.plan.append({"cell": cid, "domain": domain, "rate": rate, "method": method, "seed": seed,
-                          "gamma2": gamma2})
-        return cid
+        c = Cell(domain, rate, method, seed, gamma2)
+        self.plan.append(c)
+        return c.id
 
     def trial(self, cid, *, dev=None, test=None, error=None, cpu=10.0, start=None, hp=None, progress=2,
               teacher="", cache="") -> str:
-        """A trial of cell ``cid``: ``test`` given = a final report; ``error`` = an error.txt (both = a retry)."""
+        """A trial of cell ``cid``: ``test`` given = a final report; ``error`` = a failed attempt (both = a retry);
+        neither = still running."""
         self.n += 1
         tid = f"abc_{self.n:05d}"
-        d = self.tune / tid
-        d.mkdir()
-        dom, rate, method, seed, g2 = cid.split("|")
         hp = {"stage1_lr": 5e-5, "stage2_lr": 3e-5, "gamma2": 0.5, **(hp or {})}
-        params = {"cell": cid, "domain": dom, "rate": float(rate), "method": method, "seed": int(seed),
-                  "gamma2": hp["gamma2"] if g2 == "-" else float(g2), "hp": hp}
-        (d / "params.json").write_text(json.dumps(params))
         t0 = start if start is not None else 1_800_000_000 + self.n
-        reps = [{"dev_acc": 0.0 if e == 0 else (dev or 0.5) - 0.1, "phase": "stage1", "epoch": e, "timestamp": t0 + e,
-                 "trial_id": tid, "time_total_s": 1.0 + e} for e in range(progress)]
-        if test is not None:
-            reps.append({"dev_acc": dev, "phase": "final", "epoch": progress, "test_acc": test, "wall_s": cpu / 2,
-                         "cpu_s": cpu, "gpu_s": 0.0, "n_train": 16, "teacher_key": teacher, "cache_key": cache,
-                         "timestamp": t0 + progress, "trial_id": tid})
-        (d / "result.json").write_text("".join(json.dumps(r) + "\n" for r in reps))
+        rec = TrialRecord(trial_key(cid, self.n, hp), cid, self.n, hp, trial_id=tid, attempts=1, start_time=t0,
+                          updated=t0 + progress)
+        if progress:
+            rec = dataclasses.replace(rec, last={"phase": "stage1", "epoch": progress - 1, "dev_acc": (dev or 0.5) - 0.1})
         if error:
-            (d / "error.txt").write_text(
-                "Failure # 1 (occurred at 2026-11-24_05-58-48)\n\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1)\n"
-                "  File \"/x/sweep.py\", line 3, in trial\n    step()\n           ^^^^\n"
-                f"{error}\nmore detail on a second line\n")
+            rec = dataclasses.replace(rec.failed(error), updated=t0 + progress)
+        if test is not None:
+            rec = rec.finished({"dev_acc": dev, "phase": "final", "epoch": -1, "test_acc": test, "wall_s": cpu / 2,
+                                "cpu_s": cpu, "gpu_s": 0.0, "n_train": 16, "teacher_key": teacher,
+                                "cache_key": cache})
+        self.store.write(rec)
         return tid
 
     def write(self, costs=None, trials_per_cell=2):
-        (self.root / "plan.json").write_text(json.dumps({"cells": self.plan, "trials_per_cell": trials_per_cell}))
+        plan = Plan("demo", trials_per_cell, tuple(self.plan))
+        (self.root / "plan.json").write_text(json.dumps(plan.to_json()))
         if costs is not None:
             (self.root / "costs.json").write_text(json.dumps(costs))
         return self.root
@@ -106,24 +103,29 @@ def test_one_row_per_trial_failed_cell_retry_and_pending(sweep):
     assert c.loc["kitchen", "status"] == "pending" and c.loc["kitchen", "n_trials"] == 0
 
 
-def test_cell_status_with_running_and_stopped_trials(sweep):
+def test_cell_status_with_running_and_failed_trials(sweep):
     running = sweep.cell("books", 1.0, OURS, 0)
     sweep.trial(running, error="ValueError: nan loss")
     sweep.trial(running, dev=0.6)                    # reported, no final yet: RUNNING
-    stopped = sweep.cell("dvd", 1.0, OURS, 0)
+    failed = sweep.cell("dvd", 1.0, OURS, 0)
     for _ in range(2):
-        sweep.trial(stopped, dev=0.6)
-    root = sweep.write()
-    state = {"trial_data": [[json.dumps({"trial_id": t, "status": "TERMINATED", "relative_logdir": t}),
-                             json.dumps({"start_time": 1.9e9, "num_failures": 0})] for t in ("abc_00003", "abc_00004")],
-             "runner_data": {}, "stats": {}}
-    (root / "tune" / "experiment_state-2026-11-24_00-00-00.json").write_text(json.dumps(state))
-    df = R.load_results(root)
+        sweep.trial(failed, error="RuntimeError: boom")
+    df = R.load_results(sweep.write())
     assert df.set_index("trial_id")["status"].to_dict() == {
-        "abc_00001": "ERROR", "abc_00002": "RUNNING", "abc_00003": "TERMINATED", "abc_00004": "TERMINATED"}
+        "abc_00001": "ERROR", "abc_00002": "RUNNING", "abc_00003": "ERROR", "abc_00004": "ERROR"}
+    assert df.set_index("trial_id").loc["abc_00002", "dev_acc"] == pytest.approx(0.5)  # the last report's
     c = R.cells(df).set_index("domain")
     assert c.loc["books", "status"] == "pending"     # a trial may still finish
-    assert c.loc["dvd", "status"] == "failed" and c.loc["dvd", "error"] == "no trial reached its final report"
+    assert c.loc["dvd", "status"] == "failed" and c.loc["dvd", "error"] == "RuntimeError: boom"
+
+
+def test_records_that_cannot_be_read_are_skipped_and_the_plan_gives_the_cells(sweep):
+    ok = sweep.cell("books", 1.0, OURS, 0)
+    sweep.trial(ok, dev=0.9, test=0.8)
+    root = sweep.write(trials_per_cell=1)
+    (root / "trials" / "broken.json").write_text("{not json")
+    df = R.load_results(root)
+    assert len(df) == 1 and df.loc[0, "domain"] == "books" and df.loc[0, "rate"] == 1.0 and df.loc[0, "seed"] == 0
 
 
 def test_cell_selects_best_dev_then_earliest(sweep):
@@ -255,6 +257,7 @@ def test_cli_formats_and_exit_codes(sweep, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("| method |") and f"wrote {run / 'report' / 'table.md'}" in out
 
+    (run / "tune").mkdir()
     assert R.main([str(run / "tune"), "--json"]) == 0  # the tune/ subdir works too
     cap = capsys.readouterr()
     records = json.loads(cap.out)
@@ -283,63 +286,3 @@ def test_module_entry_point_without_ray(sweep):
     r = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("cell,") and "wrote" in r.stderr
-
-
-# ----------------------------------------------------------------------------------------------------------
-# A real Tune experiment: a fake trainable following the trial contract, one trial failing every time, one
-# failing once and then finishing (FailureConfig(max_failures=1))
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _fake_trial(config):
-    from ray import tune
-
-    marker = Path(config["hp"]["marker_dir"]) / config["cell"].replace("/", "_").replace("|", "_")
-    if config["domain"] == "dvd":
-        raise RuntimeError("dvd always fails")
-    if config["domain"] == "kitchen" and not marker.exists():
-        marker.write_text("failed once")
-        raise RuntimeError("kitchen fails on the first attempt")
-    tune.report({"dev_acc": 0.0, "phase": "stage1", "epoch": 0})
-    tune.report({"dev_acc": 0.8, "phase": "stage2", "epoch": 0})
-    tune.report({"dev_acc": 0.8, "phase": "final", "epoch": 1, "test_acc": 0.75, "wall_s": 0.1, "cpu_s": 0.1,
-                 "gpu_s": 0.0, "n_train": 8, "teacher_key": "t", "cache_key": "c"})
-
-
-@pytest.mark.ray
-@pytest.mark.timeout(120)
-def test_real_tune_experiment(ray_session, tmp_path):
-    import ray.cloudpickle
-    from ray import tune
-
-    # Workers cannot import this test module (tests/ is not on their path): ship the trainable by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    try:
-        sweep_dir = tmp_path / "sweeps" / "real"
-        plan = [{"cell": cell_id(d, 1.0, OURS, 0), "domain": d, "rate": 1.0, "method": OURS, "seed": 0,
-                 "gamma2": None} for d in ("books", "dvd", "kitchen")]
-        sweep_dir.mkdir(parents=True)
-        (sweep_dir / "plan.json").write_text(json.dumps({"cells": plan, "trials_per_cell": 1}))
-        space = {"cell": tune.grid_search([p["cell"] for p in plan]),
-                 "domain": tune.sample_from(lambda spec: spec.config.cell.split("|")[0]),
-                 "rate": 1.0, "method": OURS, "seed": 0, "gamma2": 0.5,
-                 "hp": {"stage1_lr": 5e-5, "marker_dir": str(tmp_path)}}
-        tune.Tuner(tune.with_resources(_fake_trial, {"cpu": 1}), param_space=space,
-                   tune_config=tune.TuneConfig(reuse_actors=True, trial_dirname_creator=lambda t: t.trial_id),
-                   run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=0,
-                                             failure_config=tune.FailureConfig(max_failures=1))).fit()
-    finally:
-        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-
-    df = R.load_results(sweep_dir).set_index("domain")
-    assert len(df) == 3
-    assert (sweep_dir / "tune" / df.loc["dvd", "trial_id"] / "error.txt").is_file()
-    assert df.loc["dvd", "status"] == "ERROR" and df.loc["dvd", "error"] == "RuntimeError: dvd always fails"
-    assert df.loc["dvd", "n_failures"] == 2
-    assert (sweep_dir / "tune" / df.loc["kitchen", "trial_id"] / "error.txt").is_file()  # stays after the retry
-    assert df.loc["kitchen", "status"] == "TERMINATED" and df.loc["kitchen", "error"] == ""
-    assert df.loc["books", "status"] == "TERMINATED" and df.loc["books", "test_acc"] == 0.75
-    assert df.loc["books", "hp_stage1_lr"] == 5e-5 and df.loc["books", "teacher_key"] == "t"
-    c = R.cells(R.load_results(sweep_dir / "tune")).set_index("domain")
-    assert c["status"].to_dict() == {"books": "ok", "dvd": "failed", "kitchen": "ok"}
-    assert "dvd always fails" in c.loc["dvd", "error"]

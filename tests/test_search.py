@@ -7,8 +7,9 @@ from collections import Counter
 import pytest
 
 from metakd_ray import config as C
-from metakd_ray.search import TUNABLE, GridOfStudiesSearcher
-from metakd_ray.sweep import plan_cells
+from metakd_ray.config import TUNABLE
+from metakd_ray.sweep.plan import plan_cells
+from metakd_ray.sweep.search import GridOfStudiesSearcher
 
 DEFAULTS = {"stage1_lr": 5e-5, "stage2_lr": 3e-5, "temperature": 1.0, "gamma2": 0.5}
 
@@ -24,7 +25,7 @@ def test_tunable_names_match_config():
 def test_every_cell_gets_exactly_its_budget_then_finished():
     cfg = C.from_dict({}, ["sweep.target_domains=[books, dvd]", "sweep.sample_rates=[0.1, 1.0]",
                            "sweep.methods=[single/tinybert_kd, meta/meta_kd, none/finetune]"])
-    cells = plan_cells(cfg)
+    cells = [c.to_json() for c in plan_cells(cfg)]
     assert len(cells) == 2 * 2 * 3
     s = make(cells, per_cell=3)
     configs = []
@@ -51,7 +52,7 @@ def test_every_cell_gets_exactly_its_budget_then_finished():
 def test_gamma2_axis_is_not_tuned_and_collapses_for_other_methods():
     cfg = C.from_dict({}, ["sweep.target_domains=[books]", "sweep.gamma2=[0.0, 0.5, 1.0]",
                            "sweep.methods=[single/tinybert_kd, meta/meta_kd]"])
-    cells = plan_cells(cfg)
+    cells = [c.to_json() for c in plan_cells(cfg)]
     assert sorted(c["gamma2"] for c in cells if c["method"] == "meta/meta_kd") == [0.0, 0.5, 1.0]
     assert [c["gamma2"] for c in cells if c["method"] == "single/tinybert_kd"] == [None]
     s = make(cells, per_cell=1, axis=True)
@@ -61,7 +62,7 @@ def test_gamma2_axis_is_not_tuned_and_collapses_for_other_methods():
 
 def test_save_and_restore_continue_where_it_stopped(tmp_path):
     cfg = C.from_dict({}, ["sweep.target_domains=[books, dvd]", "sweep.methods=[meta/meta_kd]"])
-    cells = plan_cells(cfg)
+    cells = [c.to_json() for c in plan_cells(cfg)]
     s = make(cells, per_cell=2)
     first = [s.suggest(f"t{i}") for i in range(3)]
     s.on_trial_complete("t0", {"dev_acc": 0.7, "training_iteration": 1})
@@ -74,7 +75,7 @@ def test_save_and_restore_continue_where_it_stopped(tmp_path):
 
 
 def test_sweep_paths_are_made_absolute(tmp_path, monkeypatch):
-    from metakd_ray.sweep_run import absolute_paths
+    from metakd_ray.sweep.run import absolute_paths
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("METAKD_DATA", "../data")

@@ -2,7 +2,8 @@
 local cluster, a driver killed mid-run and restarted, injected trial failures.
 
 The sweeps share one storage root (different sweep names), so teachers and caches are built once and reused — which
-is itself what the service promises."""
+is itself what the service promises — except the disk-budget test, which evicts caches and so has its own. Every test
+passes alone (``-k``) and in any order: what one needs from another run, a fixture makes."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import toy
@@ -67,9 +69,15 @@ def test_dry_run_prints_the_plan(project):
     assert not (project / "runs" / "sweeps").exists()  # a dry run writes nothing
 
 
+@pytest.fixture(scope="module")
+def embedded(project) -> subprocess.CompletedProcess:
+    """The toy sweep, run once on an embedded Ray."""
+    return run_sweep(project / "sweep.yaml", "name=embedded")
+
+
 @pytest.mark.timeout(480)
-def test_embedded_sweep_gives_one_row_per_planned_trial(project):
-    r = run_sweep(project / "sweep.yaml", "name=embedded")
+def test_embedded_sweep_gives_one_row_per_planned_trial(project, embedded):
+    r = embedded
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "[sweep] report:" in r.stdout
     df = load_results(sweep_dir(project, "embedded"))
@@ -86,28 +94,21 @@ def test_embedded_sweep_gives_one_row_per_planned_trial(project):
     assert len(list((project / "runs" / "caches").glob("*/manifest.json"))) == 2
 
 
-@pytest.mark.timeout(480)
-def test_rerun_with_changed_config_is_refused(project):
+@pytest.mark.timeout(600)
+def test_rerun_with_changed_config_is_refused(project, embedded):
+    assert embedded.returncode == 0
     r = run_sweep(project / "sweep.yaml", "name=embedded", "distill.stage2_epochs=5", timeout=120)
     assert r.returncode == 2
     assert "already exists" in r.stderr and "distill.stage2_epochs" in r.stderr
 
 
+def _records(project: Path, name: str) -> dict[str, dict]:
+    """trial key -> its own record (written by the trial, before Tune hears of it)."""
+    return {f.stem: json.loads(f.read_text()) for f in (sweep_dir(project, name) / "trials").glob("*.json")}
+
+
 def _finished_trials(project: Path, name: str) -> dict[str, dict]:
-    """state key -> final report, from the trials' own state store (written before Tune hears of it; Tune's
-    result.json reaches the storage root only with its periodic experiment snapshot)."""
-    return {f.name.split(".")[0]: json.loads(f.read_text())["final"]
-            for f in (sweep_dir(project, name) / "trial_states").glob("*.final.json")}
-
-
-def _logged_finals(tune_dir: Path) -> dict[str, float]:
-    """trial id -> timestamp of its first report, for trials whose result.json holds a final report."""
-    out = {}
-    for result in tune_dir.glob("*/result.json"):
-        lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
-        if any(x.get("phase") == "final" for x in lines):
-            out[result.parent.name] = lines[0]["timestamp"]
-    return out
+    return {k: r for k, r in _records(project, name).items() if r["status"] == "ok"}
 
 
 @pytest.mark.timeout(600)
@@ -125,8 +126,6 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(project):
         proc.wait()
     before = _finished_trials(project, "killed")
     assert 2 <= len(before) < 8, sorted(before)  # killed mid-run
-    tune_dir = sweep_dir(project, "killed") / "tune"
-    logged = _logged_finals(tune_dir)  # what Tune's last snapshot had synced (may be none)
     r = run_sweep(cfg, *overrides)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     df = load_results(sweep_dir(project, "killed"))
@@ -134,16 +133,10 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(project):
     assert sorted(df["cell"].value_counts().tolist()) == [4, 4]
     after = _finished_trials(project, "killed")
     assert len(after) == 8
-    assert not list((sweep_dir(project, "killed") / "trial_states").glob("*.pt"))  # training states dropped at the end
-    for key, final in before.items():  # finished trials were kept, not trained again, reported once: a trial
-        assert after[key] == final     # the restored Tune lost is suggested again and finds its work done
-        assert (df["wall_s"] == final["wall_s"]).sum() == 1
-    for result in tune_dir.glob("*/result.json"):
-        lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
-        assert sum(x.get("phase") == "final" for x in lines) == 1
-    relogged = _logged_finals(tune_dir)
-    for trial_id, started in logged.items():  # same trial ids, same start times
-        assert relogged[trial_id] == started
+    assert not list((sweep_dir(project, "killed") / "trials").glob("*.pt"))  # training states dropped at the end
+    for key, record in before.items():  # finished trials were kept, not started or trained again: a trial the
+        assert after[key] == record     # restored Tune lost is suggested again and finds its record done
+        assert (df["wall_s"] == record["final"]["wall_s"]).sum() == 1
 
 
 @pytest.mark.timeout(480)
@@ -154,10 +147,23 @@ def test_trial_failing_once_is_retried_and_a_failing_cell_is_reported(project):
     assert len(df) == 4
     single = df[df["method"] == "single/tinybert_kd"]
     assert set(single["status"]) == {"TERMINATED"} and single["test_acc"].notna().all()
+    assert (single["n_failures"] == 1).all()  # each failed once, then finished on its retry
+    meta = df[df["method"] == "meta/meta_kd"]
+    assert set(meta["status"]) == {"ERROR"} and (meta["n_failures"] == 2).all()
+    assert set(meta["error"]) == {"RuntimeError: injected failure (METAKD_FAULTS=always) in cell beta|1|meta/meta_kd|0|-"}
     c = result_cells(df).set_index("method")
     assert c.loc["single/tinybert_kd", "status"] == "ok"
     assert c.loc["meta/meta_kd", "status"] == "failed"
     assert "injected failure" in c.loc["meta/meta_kd", "error"]
+    # results come from the sweep's own records: without Ray Tune's files, the same trials, statuses and errors
+    import shutil
+
+    for state in sweep_dir(project, "faults").glob("tune/experiment_state-*.json"):
+        state.unlink()
+    shutil.rmtree(sweep_dir(project, "faults") / "tune")
+    again = load_results(sweep_dir(project, "faults"))
+    cols = ["trial_id", "cell", "status", "error", "n_failures", "test_acc"]
+    pd.testing.assert_frame_equal(again[cols], df[cols])
 
 
 def _free_port() -> int:
@@ -202,13 +208,14 @@ def test_ray_job_submit_to_a_local_cluster(project, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_caches_over_the_disk_budget_run_in_waves_and_resume(project):
-    """Last in this module: its small budget evicts the other sweeps' caches."""
+def test_caches_over_the_disk_budget_run_in_waves_and_resume(project, tmp_path):
+    """Its own storage root: its small budget evicts caches."""
     import yaml
 
     from metakd_ray import cache as K
     from metakd_ray import config as C
-    from metakd_ray.cache_format import stored_layers
+    from metakd_ray import models as M
+    from metakd_ray.storage import Storage
 
     cfg_path = project / "sweep.yaml"
     cfg = C.load(str(cfg_path))
@@ -220,14 +227,15 @@ def test_caches_over_the_disk_budget_run_in_waves_and_resume(project):
     train = pd.read_csv(project / "corpus" / "train.csv")
     texts = train[train["domain"] == "beta"]["text"].tolist()
     lengths = [len(tok(t, truncation=True, max_length=cfg.data.max_length)["input_ids"]) for t in texts]
-    one = K.estimate_bytes(lengths, len(stored_layers(K.student_layer_map(cfg, enc["num_hidden_layers"]))),
+    one = K.estimate_bytes(lengths, len(K.stored_layers(M.student_layer_map(cfg.model, enc["num_hidden_layers"]))),
                            enc["hidden_size"])
     budget_gb = 1.5 * one / 1e9  # room for one of the two caches (same examples, same shapes), not both
-    overrides = ("name=waves", "sweep.seeds=[1]", f"storage.cache_max_gb={budget_gb:.9f}")
+    root = tmp_path / "waves-runs"
+    overrides = ("name=waves", "sweep.seeds=[1]", f"storage.cache_max_gb={budget_gb:.9f}", f"storage.root={root}")
     r = run_sweep(cfg_path, *overrides)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "2 waves of caches then trials" in r.stdout
-    sd = sweep_dir(project, "waves")
+    sd = root / "sweeps" / "waves"
     plan = json.loads((sd / "plan.json").read_text())
     assert [(w["experiment"], len(w["cells"]), w["done"]) for w in plan["waves"]] == [("tune", 1, True),
                                                                                     ("tune-2", 1, True)]
@@ -235,7 +243,7 @@ def test_caches_over_the_disk_budget_run_in_waves_and_resume(project):
     assert len(df) == 2 * 2 and set(df["status"]) == {"TERMINATED"}
     assert set(df["teacher_source"]) == {"cache"}  # every trial read its cache: none was evicted under it
     # the disk never held more than the budget: wave 1's cache made room for wave 2's
-    sizes = K.cache_sizes(K.Storage(str(project / "runs")))
+    sizes = K.cache_sizes(Storage(str(root)))
     assert sum(sizes.values()) <= budget_gb * 1e9
     first, second = (df[df["cell"] == plan["waves"][i]["cells"][0]]["cache_key"].iloc[0] for i in (0, 1))
     assert first not in sizes and second in sizes

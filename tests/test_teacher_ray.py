@@ -12,12 +12,12 @@ import torch
 import toy
 from toy import DOMAINS, FailAtEpoch, ToyInputs, tiny_config
 
-from metakd_ray import cells
+from metakd_ray import cell as cells
 from metakd_ray import config as C
 from metakd_ray import data as D
 from metakd_ray.storage import Storage
-from metakd_ray.teacher import (MANIFEST, ensure_teacher, load_teacher, teacher_logits, teacher_spec,
-                                teacher_specs_for)
+from metakd_ray.teacher import MANIFEST, load_teacher, teacher_logits, teacher_spec, teacher_specs_for
+from metakd_ray.teacher.job import ensure_teacher
 from metakd_ray.training import accuracy_by_domain
 
 # Ray workers cannot import tests/toy.py (tests/ is not a package): ship its factories by value.
@@ -118,7 +118,7 @@ def test_local_mode_exports_a_complete_teacher_and_a_rerun_does_nothing(local_me
     # The exported model is the dev-best teacher: same test accuracy when loaded back.
     model, tokenizer, manifest = load_teacher(storage, spec.key)
     test = cells.tokenize_splits(cfg, tokenizer, test=splits["test"])["test"]
-    acc = accuracy_by_domain(model, cells.loader(test, D.collator(tokenizer), 64, False), DOMAINS, teacher_logits)
+    acc = accuracy_by_domain(model, cells.eval_loader(test, D.collator(tokenizer)), DOMAINS, teacher_logits)
     assert acc == pytest.approx(manifest["test_accuracy"])
 
     before, again = tree(root), []

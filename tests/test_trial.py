@@ -1,75 +1,98 @@
-"""The trial's own state store: what a trial resumes from when Tune restarts it (after a failure or a killed driver)."""
+"""A trial's own record and state (what results and resume are built from), and the trial run by a real Ray Tune:
+its final record, and a finished trial restarted under another id that reports its record without training."""
 
 from __future__ import annotations
 
-import json
-from types import SimpleNamespace
-
 import pytest
-import torch
+import toy
+import yaml
 
-from metakd_ray import trial as TR
-
-
-def _config(tmp_path, slot: int = 0, **hp) -> dict:
-    return {"storage_root": str(tmp_path / "runs"), "sweep": "s", "cell": "beta|1|meta/meta_kd|0|-", "slot": slot,
-            "hp": hp or {"stage2_lr": 0.003}}
-
-
-def test_store_starts_empty_then_holds_the_newest_state(tmp_path):
-    store = TR.TrialStateStore(_config(tmp_path), "t1")
-    assert store.load() == {"states": {}, "best_dev": float("-inf"), "final": None}
-    for epoch in range(3):
-        store.save({"states": {"stage1": {"epoch": epoch, "w": torch.full((2,), float(epoch))}}, "best_dev": 0.5})
-    got = store.load()
-    assert got["states"]["stage1"]["epoch"] == 2 and torch.equal(got["states"]["stage1"]["w"], torch.full((2,), 2.0))
-    assert got["best_dev"] == 0.5 and got["final"] is None
-    # one file, overwritten in place; no temporary files left behind
-    states = tmp_path / "runs" / "sweeps" / "s" / "trial_states"
-    assert sorted(p.name for p in states.iterdir()) == [f"{store.key}.pt"]
-    # keyed by what the trial is, not by Tune's id: the same trial suggested again under a new id finds its state
-    assert TR.TrialStateStore(_config(tmp_path), "t9").load()["states"]["stage1"]["epoch"] == 2
-    assert TR.TrialStateStore(_config(tmp_path, slot=1), "t1").load()["states"] == {}
-    assert TR.TrialStateStore(_config(tmp_path, stage2_lr=0.01), "t1").load()["states"] == {}
-    # the final record replaces the training state
-    store.save_final({"phase": TR.FINAL, "test_acc": 0.7}, 0.5)
-    assert store.load() == {"states": {}, "best_dev": 0.5, "final": {"phase": TR.FINAL, "test_acc": 0.7}}
-    assert sorted(p.name for p in states.iterdir()) == [f"{store.key}.final.json"]
+from metakd_ray import config as C
+from metakd_ray.storage import Storage
+from metakd_ray.sweep.plan import Cell
+from metakd_ray.sweep.records import ERROR, OK, RUNNING, TrialRecord, TrialStore, error_line, trial_key
 
 
-def test_unfinished_states_are_dropped_final_records_kept(tmp_path):
-    a, b = TR.TrialStateStore(_config(tmp_path), "t1"), TR.TrialStateStore(_config(tmp_path, slot=1), "t2")
-    a.save({"states": {"stage1": {"w": torch.ones(3)}}, "best_dev": 0.1})
-    b.save({"states": {"stage1": {"w": torch.ones(3)}}, "best_dev": 0.1})
-    b.save_final({"phase": TR.FINAL}, 0.2)
-    assert TR.drop_unfinished_states(str(tmp_path / "runs"), "s") == [f"{a.key}.pt"]
-    assert a.load()["states"] == {} and b.load()["final"] == {"phase": TR.FINAL}
+def _store(tmp_path) -> TrialStore:
+    return TrialStore(Storage(str(tmp_path / "runs")).sub("sweeps", "s"))
 
 
-def test_final_reported_reads_tunes_result_log(tmp_path):
-    store = TR.TrialStateStore(_config(tmp_path), "t1")
-    assert not store.final_reported()
-    log = tmp_path / "runs" / "sweeps" / "s" / "tune" / "t1" / "result.json"
-    log.parent.mkdir(parents=True)
-    log.write_text(json.dumps({"phase": "stage1", "epoch": 0}) + "\n")
-    assert not store.final_reported()
-    log.write_text(log.read_text() + json.dumps({"phase": TR.FINAL, "test_acc": 0.7}) + "\n")
-    assert store.final_reported()
+def test_record_lifecycle_and_keys(tmp_path):
+    store = _store(tmp_path)
+    key = trial_key("beta|1|meta/meta_kd|0|-", 0, {"stage2_lr": 0.003})
+    # keyed by what the trial is, not by Tune's id: the slot and every hyper-parameter count
+    assert key == trial_key("beta|1|meta/meta_kd|0|-", 0, {"stage2_lr": 0.003})
+    assert len({key, trial_key("beta|1|meta/meta_kd|0|-", 1, {"stage2_lr": 0.003}),
+                trial_key("beta|1|meta/meta_kd|0|-", 0, {"stage2_lr": 0.01}),
+                trial_key("beta|0.5|meta/meta_kd|0|-", 0, {"stage2_lr": 0.003})}) == 4
+    assert store.read(key) is None
+    rec = TrialRecord(key, "beta|1|meta/meta_kd|0|-", 0, {"stage2_lr": 0.003}).started("t1", "tune")
+    store.write(rec)
+    assert store.read(key) == rec and rec.status == RUNNING and rec.attempts == 1
+    failed = rec.reported("stage1", 0, 0.0).failed(error_line(RuntimeError("boom\nmore")))
+    store.write(failed)
+    assert store.read(key).status == ERROR and store.read(key).error == "RuntimeError: boom"
+    again = store.read(key).started("t9", "tune")  # Tune retries it under a new id after a restore
+    assert again.attempts == 2 and again.start_time == rec.start_time and again.status == RUNNING
+    done = again.finished({"phase": "final", "test_acc": 0.7, "dev_acc": 0.6, "epoch": -1})
+    store.write(done)
+    got = store.read(key)
+    assert got.status == OK and got.final["test_acc"] == 0.7 and got.errors == ("RuntimeError: boom",)
+    assert [r.key for r in store.records()] == [key]
 
 
-@pytest.mark.parametrize("logged", [False, True])
-def test_a_finished_trial_restarted_reports_its_final_result_only_if_tune_lost_it(tmp_path, monkeypatch, logged):
+def test_states_are_overwritten_and_unfinished_ones_dropped(tmp_path):
+    store = _store(tmp_path)
+    for n in range(3):
+        store.write_state("a", f"state {n}".encode())
+    store.write_state("b", b"x")
+    assert store.read_state("a") == b"state 2" and store.read_state("zzz") is None
+    trials = tmp_path / "runs" / "sweeps" / "s" / "trials"
+    assert sorted(p.name for p in trials.iterdir()) == ["a.pt", "b.pt"]  # one file each, no temporary files left
+    store.drop_state("b")
+    store.write(TrialRecord("a", "c", 0, {}))
+    assert store.drop_unfinished_states() == ["a.pt"]
+    assert sorted(p.name for p in trials.iterdir()) == ["a.json"]  # records stay
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_trial_in_real_tune_writes_its_final_record_and_a_restart_reports_it(ray_session, tmp_path):
+    import ray.cloudpickle
     from ray import tune
 
-    cfg = _config(tmp_path)
-    final = {"phase": TR.FINAL, "test_acc": 0.71, "dev_acc": 0.7}
-    TR.TrialStateStore(cfg, "t1").save_final(final, 0.7)
-    if logged:
-        log = tmp_path / "runs" / "sweeps" / "s" / "tune" / "t1" / "result.json"
-        log.parent.mkdir(parents=True)
-        log.write_text(json.dumps(final) + "\n")
-    reports = []
-    monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t1"))
-    monkeypatch.setattr(tune, "report", lambda metrics, **kw: reports.append(metrics))
-    TR.run_trial(cfg)  # returns before any training: the state says the trial is done
-    assert reports == ([] if logged else [final])
+    from metakd_ray.sweep.run import absolute_paths
+    from metakd_ray.sweep.trial import run_trial
+
+    cfg = absolute_paths(C.load(toy.write_toy_project(tmp_path / "proj")))
+    storage = Storage(cfg.storage.root)
+    storage.write_bytes(C.to_yaml(cfg).encode(), "sweeps", "s", "config.yaml")
+    cell = Cell("beta", 1.0, "none/finetune", 0)
+    space = {**cell.to_json(), "hp": {"stage2_lr": 0.003}, "slot": 0, "storage_root": storage.uri(), "sweep": "s"}
+
+    def fit(experiment: str):
+        tuner = tune.Tuner(tune.with_resources(run_trial, {"cpu": 1}), param_space={**space, "experiment": experiment},
+                           run_config=tune.RunConfig(name=experiment, storage_path=storage.uri("sweeps", "s"),
+                                                     verbose=0))
+        (result,) = list(tuner.fit())
+        return result
+
+    ray.cloudpickle.register_pickle_by_value(toy)
+    try:
+        first = fit("tune")
+        store = TrialStore(storage.sub("sweeps", "s"))
+        (rec,) = store.records()
+        assert rec.status == OK and rec.attempts == 1 and rec.experiment == "tune" and rec.trial_id == first.metrics[
+            "trial_id"]
+        assert rec.final["phase"] == "final" and 0.0 <= rec.final["test_acc"] <= 1.0 and rec.final["n_train"] > 0
+        assert rec.final == {k: first.metrics[k] for k in rec.final}  # what Tune got is the record
+        assert store.read_state(rec.key) is None  # the training state is gone once the trial is done
+        assert yaml.safe_load((tmp_path / "proj" / "runs" / "sweeps" / "s" / "config.yaml").read_text())["name"]
+        # the same trial again (a restored searcher suggesting it under a new id): no training, the record reported
+        second = fit("tune-again")
+        (again,) = store.records()
+        assert again == rec  # untouched: not started again
+        assert {k: second.metrics[k] for k in rec.final} == rec.final
+        assert second.metrics["trial_id"] != rec.trial_id
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(toy)

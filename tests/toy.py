@@ -70,7 +70,7 @@ class ToyInputs:
     n_per_domain: int = 48
 
     def __call__(self, cfg: C.Config):
-        from metakd_ray.teacher_job import TeacherInputs
+        from metakd_ray.teacher.job import TeacherInputs
 
         tokenizer = toy_tokenizer()
         encoder = M.random_encoder(vocab_size=len(tokenizer), max_position=32, dropout=cfg.model.dropout, seed=0)

@@ -7,7 +7,7 @@ Typical use::
     teacher = MetaTeacher(teacher_encoder, num_labels=2, num_domains=4)
     student = Student(student_encoder, num_labels=2, teacher_hidden_size=384,
                       teacher_domain_hidden_size=teacher.domain_hidden_size, num_domains=4)
-    g = layer_map(3, 6, kept_teacher_layers(student_encoder))       # (0, 2, 4, 6)
+    g = student_layer_map(cfg.model, teacher_layers=6)              # (0, 2, 4, 6)
 """
 
 from metakd_ray.models.encoders import (
@@ -29,6 +29,7 @@ from metakd_ray.models.encoders import (
     random_encoder,
     resolve_model,
     student_from_teacher,
+    student_layer_map,
 )
 from metakd_ray.models.heads import (
     TASK_MODELS,
@@ -47,7 +48,7 @@ __all__ = [
     "PAPER_SHAPES", "EncoderOutput", "ModelLoadError", "build_student", "check_attention_compatible",
     "check_max_length", "compression_ratio", "default_teacher_path", "describe_models", "encode",
     "evenly_spaced_layers", "kept_teacher_layers", "layer_map", "load_encoder", "param_count", "random_encoder",
-    "resolve_model", "student_from_teacher",
+    "resolve_model", "student_from_teacher", "student_layer_map",
     "TASK_MODELS", "ClassifierTeacher", "DomainHead", "MetaTeacher", "MTLTeacher", "Student", "StudentOutput",
     "TeacherOutput", "load_task_model", "save_task_model",
 ]

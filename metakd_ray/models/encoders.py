@@ -270,6 +270,18 @@ def layer_map(student_layers: int, teacher_layers: int, kept: Sequence[int] | No
     return tuple(i * n // m for i in range(m + 1))
 
 
+def student_layer_map(model_cfg: Any, teacher_layers: int) -> tuple[int, ...]:
+    """g for the student ``model_cfg.student`` describes, with a ``teacher_layers``-layer teacher: the kept teacher
+    layers (``model.student.layers``, or evenly spaced for a student built from teacher layers), else
+    g(m) = m * N / M. What the cache stores, the live teacher selects and the student is checked against."""
+    s = model_cfg.student
+    if s.layers:
+        return layer_map(len(s.layers), teacher_layers, s.layers)
+    if s.source == "teacher_layers":
+        return layer_map(s.num_layers, teacher_layers, evenly_spaced_layers(s.num_layers, teacher_layers))
+    return layer_map(s.num_layers, teacher_layers)
+
+
 def check_attention_compatible(teacher_encoder: nn.Module, student_encoder: nn.Module) -> None:
     """Raise if the attention loss cannot apply: it compares (b, h, t, t) maps, so head counts must match."""
     ht = teacher_encoder.config.num_attention_heads

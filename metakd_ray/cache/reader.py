@@ -27,9 +27,10 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
 
-from metakd_ray.cache import CacheError, CacheRef, TeacherLocation, teacher_fingerprint
-from metakd_ray.cache_format import decode_matrix
+from metakd_ray.cache.format import decode_matrix
+from metakd_ray.cache.store import CacheError, CacheRef
 from metakd_ray.distill import TeacherRecord
+from metakd_ray.teacher.artefact import TeacherLocation, teacher_fingerprint
 
 
 @dataclass
@@ -144,10 +145,14 @@ class CachedTeacher:
     the cache's. ``teacher_dir``: where the teacher is (default: the location recorded in the manifest); its
     weights must hash to the cache's teacher fingerprint."""
 
+    kind = "cache"
+
     def __init__(self, ref: CacheRef, layer_map: Sequence[int] | None = None, *,
                  teacher_dir: str | None = None, verify: bool = True):
         m = ref.manifest
         self.ref, self.layer_map = ref, tuple(m["layer_map"])
+        self.hidden_size = int(m["teacher"]["hidden_size"])
+        self.domain_hidden_size = self.hidden_size if m["has_domain_hidden"] else None
         if layer_map is not None and tuple(layer_map) != self.layer_map:
             raise CacheError(f"the cache holds layer map {list(self.layer_map)}, the student needs "
                              f"{list(layer_map)}: build a cache for this layer map")

@@ -23,13 +23,7 @@ from ray import cloudpickle
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-# Hyper-parameters the sweep may tune (sweep.tune), with their search ranges (log scale for learning rates).
-TUNABLE: dict[str, tuple[float, float, bool]] = {
-    "stage1_lr": (1e-5, 2e-4, True),
-    "stage2_lr": (1e-5, 1e-4, True),
-    "temperature": (1.0, 4.0, False),
-    "gamma2": (0.0, 1.0, False),
-}
+from metakd_ray.config import TUNABLE  # the hyper-parameters a sweep may tune, with their search ranges
 
 
 def applicable(name: str, method: str, gamma2_is_axis: bool) -> bool:

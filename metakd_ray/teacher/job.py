@@ -1,7 +1,7 @@
-"""The job that makes one teacher artefact: prototype scores on the driver, a Ray Train ``TorchTrainer`` whose
-workers run ``teacher.train_teacher`` unchanged, then export of the dev-best weights and the manifest.
-
-Public entry points are in ``teacher.py`` (``ensure_teacher``, ``load_teacher``); this module holds the machinery.
+"""The Ray Train job that makes one teacher artefact (``ensure_teacher``): prototype scores on the driver, a Ray
+Train ``TorchTrainer`` whose workers run ``teacher.model.train_teacher`` unchanged, then export of the dev-best
+weights and the manifest (layout in ``teacher/artefact.py``). Imports ``ray.train`` (~4 s): import it only to make
+teachers; everything that reads them is in ``teacher/artefact.py``.
 
 Data path: every worker loads the splits itself (``inputs(cfg)``: the data root comes from ``data.root`` or
 ``$METAKD_DATA``, so every node reads the same files), tokenises, attaches the stored prototype scores by id and
@@ -17,7 +17,6 @@ mean-loss gradient (up to float summation order).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -25,7 +24,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable
 
 import ray.train
@@ -36,14 +34,16 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from metakd_ray import cells
+from metakd_ray import cell
 from metakd_ray import config as C
 from metakd_ray import data as D
 from metakd_ray import models as M
 from metakd_ray.storage import Storage
-from metakd_ray.teacher import (EVAL_BATCH_SIZE, MANIFEST, PROTOTYPE_FILE, TeacherArtefact, TeacherSpec, build_teacher,
-                                check_worker_split, pool_prototype_scores, read_prototype_scores, teacher_identity,
-                                teacher_logits, train_teacher, write_prototype_scores)
+from metakd_ray.teacher.artefact import (MANIFEST, MODEL_DIR, PROTOTYPE_FILE, TEACHERS, TeacherArtefact, TeacherSpec,
+                                         check_worker_split, finished_teacher, model_location, prototype_parts,
+                                         read_prototype_scores, teacher_fingerprint, teacher_identity,
+                                         write_prototype_scores)
+from metakd_ray.teacher.model import build_teacher, pool_prototype_scores, teacher_logits, train_teacher
 from metakd_ray.training import accuracy_by_domain, set_seed
 
 RUN_NAME = "train"  # the Ray Train run: teachers/<key>/train/ (same name and path = resume)
@@ -81,11 +81,11 @@ def checkpoint_name(epoch: int) -> str:
 
 def latest_stored_state(storage: Storage, key: str) -> dict | None:
     """The full training state in the newest ``teachers/<key>/train/checkpoint_epoch=NNNN/state.pt``, or None."""
-    names = [n for n in storage.listdir("teachers", key, RUN_NAME)
-             if n.startswith(CHECKPOINT_PREFIX) and storage.is_file("teachers", key, RUN_NAME, n, STATE_FILE)]
+    names = [n for n in storage.listdir(TEACHERS, key, RUN_NAME)
+             if n.startswith(CHECKPOINT_PREFIX) and storage.is_file(TEACHERS, key, RUN_NAME, n, STATE_FILE)]
     if not names:
         return None
-    raw = storage.read_bytes("teachers", key, RUN_NAME, max(names), STATE_FILE)
+    raw = storage.read_bytes(TEACHERS, key, RUN_NAME, max(names), STATE_FILE)
     return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
 
 
@@ -135,11 +135,11 @@ class RayCheckpointer:
         with tempfile.TemporaryDirectory(prefix="metakd-ckpt-") as tmp:
             if self.local_mode:
                 torch.save(state, os.path.join(tmp, STATE_FILE))
-                self.storage.upload_dir(tmp, "teachers", self.key, RUN_NAME, name)
-                for old in self.storage.listdir("teachers", self.key, RUN_NAME):
+                self.storage.upload_dir(tmp, TEACHERS, self.key, RUN_NAME, name)
+                for old in self.storage.listdir(TEACHERS, self.key, RUN_NAME):
                     if old.startswith(CHECKPOINT_PREFIX) and old < name:
-                        self.storage.delete("teachers", self.key, RUN_NAME, old)
-                kept = Checkpoint(self.storage.path("teachers", self.key, RUN_NAME, name), filesystem=self.storage.fs)
+                        self.storage.delete(TEACHERS, self.key, RUN_NAME, old)
+                kept = Checkpoint(self.storage.path(TEACHERS, self.key, RUN_NAME, name), filesystem=self.storage.fs)
                 ray.train.report(metrics, checkpoint=kept)
                 return
             checkpoint = None
@@ -152,18 +152,6 @@ class RayCheckpointer:
 # ----------------------------------------------------------------------------------------------------------
 # The worker
 # ----------------------------------------------------------------------------------------------------------
-
-
-def teacher_sets(cfg: C.Config, spec: TeacherSpec, splits: D.Splits, tokenizer: Any,
-                 scores: dict[str, float]) -> tuple[Any, Any]:
-    """The teacher's tokenised (train, dev) sets: its domains' rows of the training pool (with prototype scores)
-    and of the dev split."""
-    pool = cells.training_pool(cfg, splits, spec.target, spec.rate, spec.seed)
-    tok = cells.tokenize_splits(cfg, tokenizer, train=pool, dev=splits["dev"])
-    train = cells.with_prototype_scores(tok["train"], scores)
-    dev = cells.with_prototype_scores(tok["dev"], None)
-    return (cells.filter_domains(train, spec.domains, splits.domains),
-            cells.filter_domains(dev, spec.domains, splits.domains))
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -181,13 +169,13 @@ def train_loop_per_worker(config: dict) -> dict:
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     inputs: TeacherInputs = config["inputs"](cfg)
     splits = inputs.splits
-    train, dev = teacher_sets(cfg, spec, splits, inputs.tokenizer, read_prototype_scores(storage, spec.key))
+    train, dev = cell.teacher_sets(cfg, splits, inputs.tokenizer, spec.domains, spec.target, spec.rate, spec.seed,
+                                   read_prototype_scores(storage, *prototype_parts(spec.key)))
     collate = D.collator(inputs.tokenizer)
     sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=spec.seed)
     train_loader = ray.train.torch.prepare_data_loader(
         DataLoader(train, batch_size=cfg.teacher.batch_size // world, sampler=sampler, collate_fn=collate))
-    dev_loader = ray.train.torch.prepare_data_loader(cells.loader(dev, collate, EVAL_BATCH_SIZE, shuffle=False),
-                                                     add_dist_sampler=False)
+    dev_loader = ray.train.torch.prepare_data_loader(cell.eval_loader(dev, collate), add_dist_sampler=False)
     set_seed(spec.seed)
     model = build_teacher(spec.kind, inputs.encoder, splits.num_labels, len(splits.domains), cfg.model)
     # The encoder's buffers (position and token-type ids) are constants: synced once at DDP init, not every forward.
@@ -228,7 +216,7 @@ def fit(cfg: C.Config, spec: TeacherSpec, storage: Storage, inputs: Callable[[C.
                            "local_mode": r.train_workers == 0},
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.train_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=RUN_NAME, storage_path=storage.path("teachers", spec.key),
+        run_config=RunConfig(name=RUN_NAME, storage_path=storage.path(TEACHERS, spec.key),
                              storage_filesystem=storage.fs, checkpoint_config=CheckpointConfig(num_to_keep=1),
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
@@ -244,23 +232,41 @@ def fit(cfg: C.Config, spec: TeacherSpec, storage: Storage, inputs: Callable[[C.
     return state, result.return_value or {}
 
 
-def fingerprint(model_dir: Path) -> str:
-    """sha256 over ``heads.pt`` and the encoder's weight files (names and bytes, in name order)."""
-    files = [model_dir / "heads.pt"] + sorted(p for p in (model_dir / "encoder").iterdir()
-                                              if p.suffix in (".safetensors", ".bin"))
-    h = hashlib.sha256()
-    for p in files:
-        h.update(str(p.relative_to(model_dir)).encode() + b"\0")
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+def ensure_teacher(cfg: C.Config, spec: TeacherSpec, storage: Storage, *,
+                   inputs: Callable[[C.Config], TeacherInputs] | None = None,
+                   log: Callable[[dict], None] | None = None, epoch_hook: Callable[[dict], None] | None = None,
+                   max_failures: int | None = None, keep_checkpoints: bool = False) -> TeacherArtefact:
+    """Make the teacher of ``spec`` under ``teachers/<spec.key>/`` unless its manifest exists (then nothing runs).
+
+    Steps, each reused when its output exists: prototype scores, the Ray Train run (resumes from its latest
+    checkpoint; ``cfg.ray.train_workers`` workers, 0 = in this process), export of the dev-best weights, config.yaml,
+    and manifest.json last. Then the run's checkpoints are deleted unless ``keep_checkpoints``.
+
+    Prototype scores are computed on the driver, over the whole training pool (every domain's subsampled training
+    rows, as ``local.py`` does, so a student of any target finds its rows' scores there): one inference pass of the
+    frozen encoder over a few thousand rows is cheap and needs no Ray Data job; the teacher-output cache, which
+    runs the trained teachers over every student's data, is where Ray Data pays off.
+
+    ``inputs(cfg)`` gives the splits, a freshly loaded pre-trained encoder and its tokenizer, on the driver and in
+    every worker (default: ``load_inputs``, from the config; tests pass a tiny picklable factory).
+    ``log`` gets driver-side progress events; ``epoch_hook`` runs in every worker with each epoch's metrics
+    before that epoch's checkpoint is saved (tests inject failures with it). A Ray run that fails is retried
+    ``max_failures`` (default ``cfg.ray.train_max_failures``) times from its latest checkpoint, then
+    ``ray.train.TrainingFailedError`` is raised.
+    With ``train_workers >= 1`` and no Ray yet, it connects with ``raycluster.connect_ray(cfg)``.
+    """
+    done = finished_teacher(storage, spec.key)
+    if done is not None:
+        return done
+    return make_teacher(cfg, spec, storage, inputs=inputs or load_inputs, log=log, epoch_hook=epoch_hook,
+                        max_failures=cfg.ray.train_max_failures if max_failures is None else max_failures,
+                        keep_checkpoints=keep_checkpoints)
 
 
 def make_teacher(cfg: C.Config, spec: TeacherSpec, storage: Storage, *, inputs: Callable[[C.Config], TeacherInputs],
                  log: Callable[[dict], None] | None, epoch_hook: Callable[[dict], None] | None, max_failures: int,
                  keep_checkpoints: bool) -> TeacherArtefact:
-    """``teacher.ensure_teacher`` without the manifest check (see there)."""
+    """``ensure_teacher`` without the manifest check (see there)."""
     say = log or (lambda event: None)
     check_worker_split(cfg)
     if cfg.ray.train_workers > 0 and not ray.is_initialized():
@@ -273,15 +279,11 @@ def make_teacher(cfg: C.Config, spec: TeacherSpec, storage: Storage, *, inputs: 
     collate = D.collator(driver.tokenizer)
 
     # 1. Prototype scores, on the driver (see ensure_teacher).
-    if not storage.is_file("teachers", spec.key, PROTOTYPE_FILE):
-        pool = cells.tokenize_splits(cfg, driver.tokenizer,
-                                     pool=cells.training_pool(cfg, splits, spec.target, spec.rate, spec.seed))["pool"]
-        excluded = (domains.index(spec.target) if cfg.teacher.exclude_target and spec.kind != "single"
-                    and spec.target else None)
-        scores = pool_prototype_scores(driver.encoder, pool, collate, cfg, len(domains), splits.num_labels,
-                                       excluded_domain=excluded)
-        write_prototype_scores(storage, spec.key, D.column(pool, "id"), scores)
-        say({"teacher": spec.key, "event": "prototype_scores", "rows": len(pool)})
+    if not storage.is_file(*prototype_parts(spec.key)):
+        ids, scores = pool_prototype_scores(cfg, splits, driver.encoder, driver.tokenizer, spec.kind, spec.target,
+                                            spec.rate, spec.seed)
+        write_prototype_scores(storage, spec.key, ids, scores)
+        say({"teacher": spec.key, "event": "prototype_scores", "rows": len(ids)})
     t1 = time.time()
 
     # 2. Ray Train.
@@ -293,15 +295,14 @@ def make_teacher(cfg: C.Config, spec: TeacherSpec, storage: Storage, *, inputs: 
     model = build_teacher(spec.kind, driver.encoder, splits.num_labels, len(domains), cfg.model)
     model.load_state_dict(state["best_state"])
     model.eval()
-    test = cells.filter_domains(cells.tokenize_splits(cfg, driver.tokenizer, test=splits["test"])["test"],
-                                spec.domains, domains)
-    test_acc = accuracy_by_domain(model, cells.loader(test, collate, EVAL_BATCH_SIZE, False), domains,
-                                  teacher_logits)
+    test = cell.filter_domains(cell.tokenize_splits(cfg, driver.tokenizer, test=splits["test"])["test"],
+                               spec.domains, domains)
+    test_acc = accuracy_by_domain(model, cell.eval_loader(test, collate), domains, teacher_logits)
     with tempfile.TemporaryDirectory(prefix="metakd-teacher-") as tmp:
         model.save_pretrained(tmp, driver.tokenizer)
-        digest = fingerprint(Path(tmp))
-        storage.upload_dir(tmp, "teachers", spec.key, "model")
-    storage.write_bytes(C.to_yaml(cfg).encode(), "teachers", spec.key, "config.yaml")
+        storage.upload_dir(tmp, TEACHERS, spec.key, MODEL_DIR)
+    digest = teacher_fingerprint(model_location(storage, spec.key))["weights"]
+    storage.write_bytes(C.to_yaml(cfg).encode(), TEACHERS, spec.key, "config.yaml")
     t3 = time.time()
 
     history = state["history"]
@@ -310,8 +311,8 @@ def make_teacher(cfg: C.Config, spec: TeacherSpec, storage: Storage, *, inputs: 
     manifest = {
         "key": spec.key, "spec": asdict(spec), "identity": teacher_identity(cfg, spec.kind, spec.domains, spec.target,
                                                                             spec.rate, spec.seed),
-        "domains": list(domains), "label_names": list(splits.label_names), "model": "model",
-        "prototype_scores": PROTOTYPE_FILE, "n_pool": len(read_prototype_scores(storage, spec.key)),
+        "domains": list(domains), "label_names": list(splits.label_names), "model": MODEL_DIR,
+        "prototype_scores": PROTOTYPE_FILE, "n_pool": len(read_prototype_scores(storage, *prototype_parts(spec.key))),
         "n_train": ret.get("n_train"), "n_dev": ret.get("n_dev"),
         "dev_accuracy": [h.get("dev_acc_mean") for h in history], "history": history,
         "best_dev": state["best_dev"], "best_epoch": state["best_epoch"], "test_accuracy": test_acc,
@@ -325,9 +326,8 @@ def make_teacher(cfg: C.Config, spec: TeacherSpec, storage: Storage, *, inputs: 
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__, "ray": ray.__version__},
     }
-    storage.write_json(manifest, "teachers", spec.key, MANIFEST)  # last: the artefact is complete from here on
+    storage.write_json(manifest, TEACHERS, spec.key, MANIFEST)  # last: the artefact is complete from here on
     if not keep_checkpoints:
-        storage.delete("teachers", spec.key, RUN_NAME)
+        storage.delete(TEACHERS, spec.key, RUN_NAME)
     say({"teacher": spec.key, "event": "exported", "best_dev": state["best_dev"], "test_mean": test_acc["mean"]})
-    return TeacherArtefact(spec.key, storage.uri("teachers", spec.key),
-                           storage.read_json("teachers", spec.key, MANIFEST))  # as every later reader sees it
+    return finished_teacher(storage, spec.key)  # as every later reader sees it

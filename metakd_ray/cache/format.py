@@ -20,7 +20,7 @@ column              encoding          content
 ``key_<L>``
 ==================  ===============  ==========================================================================
 
-Not stored, rebuilt by the reader (``metakd_ray.cache_reader``):
+Not stored, rebuilt by the reader (``metakd_ray.cache.reader``):
 
 - layer 0 (the embeddings' output): recomputed exactly from the student batch's ``input_ids`` with the teacher's
   embedding module (a lookup and a LayerNorm);

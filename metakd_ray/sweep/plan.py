@@ -1,0 +1,199 @@
+"""The plan of a sweep: typed, frozen, written to ``sweeps/<name>/plan.json`` and read back (by a resumed run and by
+``metakd_ray.results``). No Ray and no torch here: the results layer reads plans on a laptop.
+
+A :class:`Cell` is one point of the grid — target domain × sample rate × method × seed (× gamma2) — plus the
+artefacts that serve it once known: its teacher's key and its cache's fingerprint. A :class:`Wave` is a run of
+consecutive cells whose caches fit the disk budget together; each wave is one Tune experiment (``tune``,
+``tune-2``, ...). :func:`make_plan` builds the plan from a config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+# Rough CPU-seconds per example on this project's 2-CPU machines (MiniLM-L6 teacher, 3-layer student, 128 tokens),
+# measured with benchmarks/student_depth.py and the smoke runs; a GPU node is roughly 50x faster. For the plan's
+# estimate only.
+SECONDS_PER_EXAMPLE = {"teacher_epoch": 0.16, "cache": 0.03, "student_epoch": 0.06}
+PLAN_FILE = "plan.json"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the grid. ``gamma2`` is the gamma2 axis value (None when gamma2 is not an axis, or the method
+    is not meta_kd); ``teacher_key`` is "" for a method without a teacher; ``cache_key`` is the fingerprint of the
+    cache serving the cell once built ("" while unknown, or when its trials run the teacher live)."""
+
+    domain: str
+    rate: float
+    method: str
+    seed: int
+    gamma2: float | None = None
+    teacher_key: str = ""
+    cache_key: str = ""
+
+    @property
+    def id(self) -> str:
+        """A readable unique name, e.g. ``books|0.1|meta/meta_kd|0|-`` — a name only: never parsed back."""
+        g = "-" if self.gamma2 is None else f"{self.gamma2:g}"
+        return f"{self.domain}|{self.rate:g}|{self.method}|{self.seed}|{g}"
+
+    @property
+    def teacher_kind(self) -> str:
+        return self.method.split("/")[0]
+
+    @property
+    def student_method(self) -> str:
+        return self.method.split("/")[1]
+
+    @property
+    def cache_group(self) -> tuple[str, str, float, int] | None:
+        """Cells with the same teacher, target, rate and seed train on the same rows: one cache serves them."""
+        return (self.teacher_key, self.domain, self.rate, self.seed) if self.teacher_key else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cell": self.id, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Cell:
+        g = d.get("gamma2")
+        return cls(domain=str(d["domain"]), rate=float(d["rate"]), method=str(d["method"]), seed=int(d["seed"]),
+                   gamma2=None if g is None else float(g), teacher_key=str(d.get("teacher_key") or ""),
+                   cache_key=str(d.get("cache_key") or ""))
+
+
+@dataclass(frozen=True)
+class Wave:
+    experiment: str  # the Tune experiment directory under sweeps/<name>/
+    cells: tuple[str, ...]  # cell ids, plan order
+    done: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    trials_per_cell: int
+    cells: tuple[Cell, ...]
+    teachers: tuple[dict, ...] = ()  # {key, kind, domains, rate, seed} per distinct teacher, for display
+    waves: tuple[Wave, ...] = ()
+    estimate: dict | None = None  # CPU-seconds per stage at 2-CPU speed (see SECONDS_PER_EXAMPLE)
+
+    @property
+    def trials(self) -> int:
+        return len(self.cells) * self.trials_per_cell
+
+    @property
+    def caches(self) -> list[dict]:
+        """One entry per distinct cache the cells need: teacher, domain, rate, seed."""
+        groups = dict.fromkeys(c.cache_group for c in self.cells if c.cache_group)
+        return [{"teacher": t, "domain": d, "rate": r, "seed": s} for t, d, r, s in groups]
+
+    def cell(self, cell_id: str) -> Cell:
+        return next(c for c in self.cells if c.id == cell_id)
+
+    def with_cells(self, cells: Sequence[Cell]) -> Plan:
+        """This plan with some cells replaced (matched by id), e.g. once their caches are known."""
+        new = {c.id: c for c in cells}
+        return dataclasses.replace(self, cells=tuple(new.get(c.id, c) for c in self.cells))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "trials_per_cell": self.trials_per_cell, "trials": self.trials,
+                "cells": [c.to_json() for c in self.cells], "teachers": [dict(t) for t in self.teachers],
+                "caches": self.caches, "waves": [dataclasses.asdict(w) for w in self.waves],
+                "estimate": self.estimate}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Plan:
+        waves = tuple(Wave(str(w["experiment"]), tuple(w["cells"]), bool(w.get("done"))) for w in d.get("waves") or ())
+        return cls(name=str(d.get("name", "")), trials_per_cell=int(d.get("trials_per_cell") or 0),
+                   cells=tuple(Cell.from_json(c) for c in d.get("cells") or ()),
+                   teachers=tuple(d.get("teachers") or ()), waves=waves, estimate=d.get("estimate"))
+
+
+def plan_cells(cfg: Any) -> tuple[Cell, ...]:
+    """Every cell of the grid, in a stable order: target domain × rate × method × seed (× gamma2; the gamma2 axis
+    collapses for methods other than meta_kd)."""
+    targets = cfg.sweep.target_domains or cfg.data.domains
+    gammas: tuple[float | None, ...] = cfg.sweep.gamma2 or (None,)
+    cells: dict[str, Cell] = {}
+    for domain, rate, method, seed, g in itertools.product(targets, cfg.sweep.sample_rates, cfg.sweep.methods,
+                                                             cfg.sweep.seeds, gammas):
+        c = Cell(domain, float(rate), method, int(seed), g if method.endswith("/meta_kd") else None)
+        cells.setdefault(c.id, c)
+    return tuple(cells.values())
+
+
+def make_plan(cfg: Any, domain_sizes: Mapping[str, int] | None = None) -> Plan:
+    """The plan of ``cfg``: its cells with their teachers' keys, the distinct teachers, and — given the training
+    examples per domain — an estimated cost in CPU-seconds at this machine's speed. Waves come later
+    (:func:`plan_waves`, once the caches' sizes are known)."""
+    from metakd_ray.teacher.artefact import teacher_spec  # the teachers' identity (imports the data layer)
+
+    cells, teachers = [], {}
+    for c in plan_cells(cfg):
+        if c.teacher_kind != "none":
+            spec = teacher_spec(cfg, c.teacher_kind, c.domain, c.rate, c.seed)
+            teachers.setdefault(spec.key, spec)
+            c = dataclasses.replace(c, teacher_key=spec.key)
+        cells.append(c)
+    shown = tuple({"key": k, "kind": s.kind, "domains": list(s.domains), "rate": s.rate, "seed": s.seed}
+                  for k, s in teachers.items())
+    p = Plan(cfg.name, cfg.sweep.trials_per_cell, tuple(cells), shown)
+    if domain_sizes:
+        p = dataclasses.replace(p, estimate=estimate_cost(cfg, p, domain_sizes))
+    return p
+
+
+def estimate_cost(cfg: Any, p: Plan, domain_sizes: Mapping[str, int]) -> dict[str, int]:
+    n = domain_sizes
+    t_cost = sum(sum(n[d] for d in t["domains"]) * t["rate"] * cfg.teacher.epochs for t in p.teachers)
+    c_cost = sum(n[c["domain"]] * c["rate"] for c in p.caches)
+    epochs = cfg.distill.stage1_epochs + cfg.distill.stage2_epochs
+    s_cost = sum(n[c.domain] * c.rate * epochs for c in p.cells) * p.trials_per_cell
+    t_cost *= SECONDS_PER_EXAMPLE["teacher_epoch"]
+    c_cost *= SECONDS_PER_EXAMPLE["cache"]
+    s_cost *= SECONDS_PER_EXAMPLE["student_epoch"]
+    return {"teacher_cpu_s": round(t_cost), "cache_cpu_s": round(c_cost), "trial_cpu_s": round(s_cost),
+            "total_cpu_s": round(t_cost + c_cost + s_cost)}
+
+
+def experiment_name(wave: int) -> str:
+    """The Tune experiment of wave ``wave`` (1-based) under ``sweeps/<name>/``: ``tune``, ``tune-2``, ..."""
+    return "tune" if wave == 1 else f"tune-{wave}"
+
+
+def plan_waves(cells: Sequence[Cell], cache_bytes: Mapping[tuple, int], budget: float | None) -> tuple[Wave, ...]:
+    """Consecutive cells (plan order) in waves whose caches' estimated bytes (``cache_bytes`` by cache group) sum
+    to at most ``budget``; a cache larger than the budget alone gets a wave of its own. Cells without a cache join
+    the wave they fall in."""
+    waves: list[list[str]] = [[]]
+    used, seen = 0, set()
+    for c in cells:
+        k = c.cache_group
+        if k is not None and k in cache_bytes and k not in seen:
+            size = cache_bytes[k]
+            if budget is not None and used and used + size > budget:
+                waves.append([])
+                used = 0
+            used += size
+            seen.add(k)
+        waves[-1].append(c.id)
+    return tuple(Wave(experiment_name(n), tuple(w)) for n, w in enumerate(waves, 1))
+
+
+def format_plan(p: Plan) -> str:
+    lines = [f"sweep {p.name}: {len(p.cells)} cells x {p.trials_per_cell} trials = {p.trials} trials; "
+             f"{len(p.teachers)} teachers, {len(p.caches)} caches"]
+    lines += [f"  teacher {t['key']}: {t['kind']} on {', '.join(t['domains'])}, rate {t['rate']:g}, seed {t['seed']}"
+              for t in p.teachers]
+    lines += [f"  cell {c.id}" for c in p.cells]
+    if p.estimate:
+        e = p.estimate
+        lines.append(f"estimated cost: {e['total_cpu_s'] / 3600:.2f} CPU-hours at 2-CPU speed (teachers "
+                     f"{e['teacher_cpu_s'] / 3600:.1f}, caches {e['cache_cpu_s'] / 3600:.1f}, trials "
+                     f"{e['trial_cpu_s'] / 3600:.1f})")
+    return "\n".join(lines)
+

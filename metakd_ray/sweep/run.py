@@ -1,0 +1,190 @@
+"""Running a planned sweep: teachers → (per wave) caches → Tune trials → report (see :mod:`metakd_ray.sweep`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from metakd_ray import config as C
+from metakd_ray.storage import Storage
+from metakd_ray.sweep.plan import PLAN_FILE, Cell, Plan, make_plan, plan_waves
+from metakd_ray.sweep.records import TrialStore, error_line, trial_key
+
+METRIC, MODE = "dev_acc", "max"
+
+
+class SweepConflict(ValueError):
+    """A sweep of this name exists under the storage root with a different configuration."""
+
+
+def run_trials(cfg: C.Config, cells: list[Cell], storage: Storage, experiment: str = "tune") -> Any:
+    """The Tune stage of ``cells``: one experiment ``sweeps/<name>/<experiment>``, restored when it exists (finished
+    trials are kept, unfinished ones resume from their last epoch, failed ones stay failed). Trials that Tune saw
+    fail without their own error record (a worker killed, say) get one from Tune's public result."""
+    from ray import tune
+
+    from metakd_ray.sweep.progress import EtaCallback
+    from metakd_ray.sweep.search import GridOfStudiesSearcher
+    from metakd_ray.sweep.trial import run_trial
+
+    resources: dict[str, float] = {"cpu": cfg.ray.trial_cpus}
+    if cfg.ray.use_gpu:
+        resources["gpu"] = 1
+    trainable = tune.with_resources(run_trial, resources)
+    exp_root = storage.uri("sweeps", cfg.name)
+    exp_path = storage.uri("sweeps", cfg.name, experiment)
+    total = len(cells) * cfg.sweep.trials_per_cell
+    if tune.Tuner.can_restore(exp_path):
+        print(f"[sweep] resuming the trials of {exp_path}", flush=True)
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)
+    else:
+        defaults = {name: getattr(cfg.distill, name) for name in C.TUNABLE}
+        searcher = GridOfStudiesSearcher([c.to_json() for c in cells], cfg.sweep.tune, defaults,
+                                         cfg.sweep.trials_per_cell, METRIC, MODE,
+                                         gamma2_is_axis=bool(cfg.sweep.gamma2), seed=cfg.seed)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"storage_root": storage.uri(), "sweep": cfg.name, "experiment": experiment},
+            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, num_samples=total,
+                                        max_concurrent_trials=cfg.ray.max_concurrent_trials or None,
+                                        reuse_actors=True, trial_dirname_creator=lambda t: t.trial_id),
+            run_config=tune.RunConfig(name=experiment, storage_path=exp_root, verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
+                                      callbacks=[EtaCallback(total)]),
+        )
+    grid = tuner.fit()
+    record_tune_errors(grid, TrialStore(storage.sub("sweeps", cfg.name)))
+    return grid
+
+
+def record_tune_errors(grid: Any, store: TrialStore) -> None:
+    """A trial that died without writing its own error record (its worker was killed, say) gets one from Tune's
+    public result (``ResultGrid``: each result's ``config`` and ``error``)."""
+    for result in grid:
+        config, error = result.config or {}, result.error
+        if error is None or "cell" not in config:
+            continue
+        rec = store.read(trial_key(config["cell"], config.get("slot", 0), config.get("hp")))
+        if rec is not None and rec.status == "running":
+            store.write(rec.failed(error_line(error)))
+
+
+def check_same_sweep(cfg: C.Config, storage: Storage) -> None:
+    """Re-running a sweep resumes it; a *changed* config under the same name would mix results, so refuse. Only
+    ``ray`` and ``storage`` settings (where and how it runs) may change between runs."""
+    if not storage.is_file("sweeps", cfg.name, "config.yaml"):
+        return
+    import yaml
+
+    old = yaml.safe_load(storage.read_bytes("sweeps", cfg.name, "config.yaml"))
+    new = C.to_dict(cfg)
+    for section in ("ray", "storage"):  # where and how it runs, not what it computes
+        old.pop(section, None)
+        new.pop(section, None)
+    if old != new:
+        diff = sorted(_diff(old, new))
+        raise SweepConflict(f"sweep {cfg.name!r} already exists at {storage.uri('sweeps', cfg.name)} with a different "
+                            f"config ({', '.join(diff[:5])}{', ...' if len(diff) > 5 else ''} changed); give it "
+                            "another name (name=...) or remove that directory")
+
+
+def _diff(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in set(a) | set(b) for d in _diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)]
+    return [] if a == b else [path]
+
+
+def absolute_paths(cfg: C.Config) -> C.Config:
+    """``cfg`` with a relative ``storage.root`` / ``data.root`` (and ``$METAKD_DATA``) made absolute: Ray Tune runs
+    each trial in its own working directory, so a relative path would point somewhere else there."""
+    overrides = []
+    if "://" not in cfg.storage.root:
+        overrides.append(f"storage.root={os.path.abspath(os.path.expanduser(cfg.storage.root))}")
+    if cfg.data.root and "://" not in cfg.data.root:
+        overrides.append(f"data.root={os.path.abspath(os.path.expanduser(cfg.data.root))}")
+    if os.environ.get("METAKD_DATA") and "://" not in os.environ["METAKD_DATA"]:
+        os.environ["METAKD_DATA"] = os.path.abspath(os.path.expanduser(os.environ["METAKD_DATA"]))
+    return C.with_overrides(cfg, overrides)
+
+
+def _read_json(storage: Storage, *parts: str) -> Any:
+    return storage.read_json(*parts) if storage.is_file(*parts) else None
+
+
+def run(cfg: C.Config) -> int:
+    """The whole sweep; returns the exit status.
+
+    Teachers first (Ray Train), then the cells in *waves*: a wave's caches (Ray Data) are built, then its trials run
+    (one Tune experiment per wave). One wave holds as many consecutive cells as their caches' estimated size allows
+    under ``storage.cache_max_gb`` (all of them when everything fits, the usual case), so the caches on disk never
+    pass the budget and no trial has to run its teacher live because its cache was evicted. The partition is fixed
+    by the first run (``plan.json``); a rerun skips the waves that finished."""
+    import datasets
+
+    from metakd_ray.raycluster import connect_ray
+    from metakd_ray.sweep.stages import build_caches, build_teachers, cache_budget, cache_groups
+
+    cfg = absolute_paths(cfg)
+    datasets.disable_progress_bars()
+    storage = Storage(cfg.storage.root)
+    sweep = ("sweeps", cfg.name)
+    p = make_plan(cfg)
+    check_same_sweep(cfg, storage)
+    storage.write_bytes(C.to_yaml(cfg).encode(), *sweep, "config.yaml")
+    connect_ray(cfg)
+    costs = build_teachers(cfg, p, storage)
+    groups = cache_groups(cfg, p.cells, storage)
+    budget = cache_budget(cfg)
+    prev = Plan.from_json(_read_json(storage, *sweep, PLAN_FILE) or {})
+    prev_costs = _read_json(storage, *sweep, "costs.json") or {}
+    waves = prev.waves or plan_waves(p.cells, {k: g.est_bytes for k, g in groups.items()}, budget)
+    p = dataclasses.replace(p, waves=waves)
+    if len(waves) > 1:
+        est = sum(g.est_bytes for g in groups.values()) / 1e9
+        print(f"[sweep] the caches ({est:.1f} GB estimated) exceed storage.cache_max_gb={cfg.storage.cache_max_gb:g}: "
+              f"{len(waves)} waves of caches then trials", flush=True)
+    old_cells = {c.id: c for c in prev.cells}
+    for n, wave in enumerate(waves, 1):
+        label = f"wave {n}/{len(waves)}" if len(waves) > 1 else "all cells"
+        if wave.done:  # finished in an earlier run: its caches may be gone, its results are not
+            done = [old_cells[cid] for cid in wave.cells if cid in old_cells]
+            p = p.with_cells(done)
+            for c in done:
+                if c.cache_key in prev_costs.get("caches", {}):
+                    costs["caches"][c.cache_key] = prev_costs["caches"][c.cache_key]
+            print(f"[sweep] {label}: finished in an earlier run ({len(wave.cells)} cells)", flush=True)
+            continue
+        in_wave = set(wave.cells)
+        wave_groups = [g for g in groups.values() if g.cells[0].id in in_wave]
+        p = p.with_cells(build_caches(cfg, wave_groups, storage, costs, budget, label))
+        storage.write_json(p.to_json(), *sweep, PLAN_FILE)
+        storage.write_json(costs, *sweep, "costs.json")
+        if len(waves) > 1:
+            print(f"[sweep] {label}: {len(wave.cells)} cells", flush=True)
+        run_trials(cfg, [p.cell(cid) for cid in wave.cells], storage, experiment=wave.experiment)
+        p = dataclasses.replace(p, waves=tuple(dataclasses.replace(w, done=True) if w is wave else w
+                                               for w in p.waves))
+        storage.write_json(p.to_json(), *sweep, PLAN_FILE)
+    dropped = TrialStore(storage.sub(*sweep)).drop_unfinished_states()  # failed or orphaned: nothing resumes them
+    if dropped:
+        print(f"[sweep] removed {len(dropped)} training states of failed or superseded trials", flush=True)
+    return report(storage.uri(*sweep))
+
+
+def report(sweep_dir: str) -> int:
+    """Write the report, print where, and say how the cells ended; 1 if any failed."""
+    from metakd_ray.results import cells, load_results
+    from metakd_ray.results import report as write_report
+
+    paths = write_report(sweep_dir)
+    print("[sweep] report:")
+    for name, path in paths.items():
+        print(f"  {name}: {path}")
+    summary = cells(load_results(sweep_dir))
+    failed = summary[summary["status"] == "failed"]
+    for _, row in failed.iterrows():
+        print(f"[sweep] cell {row['cell']} failed: {row['error']}", flush=True)
+    print(f"[sweep] {int((summary['status'] == 'ok').sum())}/{len(summary)} cells ok, {len(failed)} failed")
+    return 1 if len(failed) else 0
