@@ -33,11 +33,9 @@ sys.path.insert(0, str(REPO))
 from metakd_ray import config as C  # noqa: E402
 from metakd_ray import data as D  # noqa: E402
 from metakd_ray import models as M  # noqa: E402
-from metakd_ray.cache import estimate_bytes, student_layer_map  # noqa: E402
-from metakd_ray.cache_format import stored_layers  # noqa: E402
-from metakd_ray.sweep import plan  # noqa: E402
-from metakd_ray.sweep_run import CacheGroup, cells_by_cache, plan_waves  # noqa: E402
-from metakd_ray.trial import student_data  # noqa: E402
+from metakd_ray.cache import estimate_bytes, stored_layers  # noqa: E402
+from metakd_ray.cell import student_data  # noqa: E402
+from metakd_ray.sweep.plan import make_plan, plan_waves  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,14 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in argv if "=" in a]
     t0 = time.perf_counter()
     cfg = C.load(config, overrides)
-    p = plan(cfg)
+    p = make_plan(cfg)
     splits = D.load_splits(cfg.data)
     enc, tokenizer = M.load_encoder(cfg.model.teacher)
     hidden, n_layers = enc.config.hidden_size, enc.config.num_hidden_layers
-    matrices = len(stored_layers(student_layer_map(cfg, n_layers)))
+    matrices = len(stored_layers(M.student_layer_map(cfg.model, n_layers)))
     groups, examples, tokens = {}, 0, 0
     lengths_of: dict[tuple, list[int]] = {}  # the data of (domain, rate, seed) is the same whatever the teacher
-    for key, cells in cells_by_cache(p["cells"]).items():
+    for key in dict.fromkeys(c.cache_group for c in p.cells if c.cache_group):
         _, domain, rate, seed = key
         if (domain, rate, seed) not in lengths_of:
             train = student_data(cfg, splits, tokenizer, domain, rate, seed, None).train
@@ -61,12 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         lengths = lengths_of[(domain, rate, seed)]
         examples += len(lengths)
         tokens += sum(lengths)
-        groups[key] = CacheGroup(key[0], domain, cells, None, None, (), estimate_bytes(lengths, matrices, hidden))
+        groups[key] = estimate_bytes(lengths, matrices, hidden)
     budget = cfg.storage.cache_max_gb * 1e9
-    waves = plan_waves(p["cells"], groups, budget if budget > 0 else None)
-    group_of = {c["cell"]: k for k, g in groups.items() for c in g.cells}
-    wave_bytes = [sum(groups[k].est_bytes for k in {group_of[c] for c in w["cells"] if c in group_of}) for w in waves]
-    total = sum(g.est_bytes for g in groups.values())
+    waves = plan_waves(p.cells, groups, budget if budget > 0 else None)
+    group_of = {c.id: c.cache_group for c in p.cells if c.cache_group}
+    wave_bytes = [sum(groups[k] for k in {group_of[c] for c in w.cells if c in group_of}) for w in waves]
+    total = sum(groups.values())
     measured = None
     cvo = REPO / "benchmarks" / "results" / "cache_vs_online.json"
     if cvo.is_file():
@@ -74,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "ratio": max(wave_bytes) / budget if budget > 0 else None, "target": 1.0,
         "budget_gb": cfg.storage.cache_max_gb, "total_gb": total / 1e9, "waves": len(waves),
-        "wave_gb": [b / 1e9 for b in wave_bytes], "wave_cells": [len(w["cells"]) for w in waves],
+        "wave_gb": [b / 1e9 for b in wave_bytes], "wave_cells": [len(w.cells) for w in waves],
         "caches": len(groups), "examples": examples, "real_tokens": tokens, "mean_tokens": tokens / max(examples, 1),
         "estimated_bytes_per_example": total / max(examples, 1), "stored_matrices": matrices, "hidden": hidden,
         "measured_bytes_per_example_cache_vs_online": measured,

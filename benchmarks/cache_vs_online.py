@@ -42,8 +42,8 @@ from metakd_ray import config as C  # noqa: E402
 from metakd_ray import data as D  # noqa: E402
 from metakd_ray import models as M  # noqa: E402
 from metakd_ray.cache import ensure_cache  # noqa: E402
-from metakd_ray.cache_format import design_bytes  # noqa: E402
-from metakd_ray.cache_reader import CachedTeacher, load_cache  # noqa: E402
+from metakd_ray.cache.format import design_bytes  # noqa: E402
+from metakd_ray.cache.reader import CachedTeacher, load_cache  # noqa: E402
 from metakd_ray.distill import LiveTeacher, student_loss  # noqa: E402
 from metakd_ray.storage import Storage  # noqa: E402
 
@@ -67,7 +67,7 @@ def timed(fn):
 def run_shape(name: str, teacher, student, tokenizer, gmap, ds, args, cfg, storage, tmp: Path,
               modes: tuple[str, ...] = ("inputs",)) -> dict:
     """Build the cache (one per attention mode), then the interleaved per-batch timings (min of ``args.repeats``)."""
-    from metakd_ray.cache_reader import unload
+    from metakd_ray.cache.reader import unload
 
     tdir = tmp / f"{name}-teacher"
     teacher.save_pretrained(tdir, tokenizer)

@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     cfg = C.from_dict({}, ["ray.cache_actors=2", "ray.cpus_per_actor=0.5", "model.student.num_layers=3"])
     splits = D.load_splits(cfg.data)
     enc, tokenizer = M.load_encoder("default", dropout=0.0)
-    gmap = K.student_layer_map(cfg, enc.config.num_hidden_layers)
+    gmap = M.student_layer_map(cfg.model, enc.config.num_hidden_layers)
     domains = splits.domains
     data = {}
     for d in args.domains:

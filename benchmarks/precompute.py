@@ -53,9 +53,11 @@ import torch  # noqa: E402
 from metakd_ray import config as C  # noqa: E402
 from metakd_ray import data as D  # noqa: E402
 from metakd_ray import models as M  # noqa: E402
-from metakd_ray.cache import TeacherLocation, TeacherPass, input_table, run_teacher_job  # noqa: E402
-from metakd_ray.cache_format import stored_layers  # noqa: E402
+from metakd_ray.cache.build import TeacherPass, run_teacher_job  # noqa: E402
+from metakd_ray.cache.job import input_table  # noqa: E402
+from metakd_ray.cache.format import stored_layers  # noqa: E402
 from metakd_ray.storage import Storage  # noqa: E402
+from metakd_ray.teacher.artefact import TeacherLocation  # noqa: E402
 
 THREADS = min(2, os.cpu_count() or 1)
 

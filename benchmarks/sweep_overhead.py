@@ -80,19 +80,20 @@ def main() -> None:
     from metakd_ray.raycluster import connect_ray
     from metakd_ray.results import load_results
     from metakd_ray.storage import Storage
-    from metakd_ray.sweep import plan
-    from metakd_ray.sweep_run import build_artefacts, run_trials
+    from metakd_ray.sweep.plan import make_plan
+    from metakd_ray.sweep.run import run_trials
+    from metakd_ray.sweep.stages import build_artefacts
 
     datasets.disable_progress_bars()
     root = Path(tempfile.mkdtemp(prefix="metakd-overhead-"))
     cfg = C.load(write_project(root))
     storage = Storage(cfg.storage.root)
-    p = plan(cfg)
+    p = make_plan(cfg)
     t0 = time.time()
     connect_ray(cfg)
-    build_artefacts(cfg, p, storage)
+    p, _ = build_artefacts(cfg, p, storage)
     storage.write_bytes(C.to_yaml(cfg).encode(), "sweeps", cfg.name, "config.yaml")
-    storage.write_json(p, "sweeps", cfg.name, "plan.json")
+    storage.write_json(p.to_json(), "sweeps", cfg.name, "plan.json")
     setup_s = time.time() - t0
 
     samples: list[tuple[float, float, float]] = []
@@ -106,7 +107,7 @@ def main() -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t1 = time.time()
-    run_trials(cfg, p["cells"], storage)
+    run_trials(cfg, list(p.cells), storage)
     wall = time.time() - t1
     stop.set()
     sampler.join()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -84,6 +85,7 @@ def _input_hash(table: pa.Table) -> str:
     return h.hexdigest()
 
 
+@dataclass
 class CacheJob:
     """One cache to find or build: everything its fingerprint is made of, and the input rows of its teacher pass."""
 
