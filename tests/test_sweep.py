@@ -55,6 +55,10 @@ def sweep_dir(project: Path, name: str) -> Path:
 
 @pytest.mark.timeout(120)
 def test_dry_run_prints_the_plan(project):
+    def files() -> dict[str, int]:
+        return {str(f): f.stat().st_mtime_ns for f in (project / "runs").rglob("*") if f.is_file()}
+
+    before = files()
     r = subprocess.run([sys.executable, "-m", "metakd_ray.sweep", str(project / "sweep.yaml"), "--dry-run", "--json",
                         "sweep.sample_rates=[0.5, 1.0]", "sweep.seeds=[0, 1]"], cwd=REPO, env=env(),
                        capture_output=True, text=True, timeout=120)
@@ -66,7 +70,7 @@ def test_dry_run_prints_the_plan(project):
     assert all(c["domain"] == "beta" for c in p["cells"])
     # one meta teacher per (rate, seed) serves the target; single teachers likewise here (one target)
     assert len(p["teachers"]) == 2 * 2 * 2 and len(p["caches"]) == 8
-    assert not (project / "runs" / "sweeps").exists()  # a dry run writes nothing
+    assert files() == before  # a dry run writes nothing (other tests' sweeps may share the project)
 
 
 @pytest.fixture(scope="module")
