@@ -58,7 +58,6 @@ def test_states_are_overwritten_and_unfinished_ones_dropped(tmp_path):
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_trial_in_real_tune_writes_its_final_record_and_a_restart_reports_it(ray_session, tmp_path):
-    import ray.cloudpickle
     from ray import tune
 
     from metakd_ray.sweep.run import absolute_paths
@@ -77,22 +76,19 @@ def test_trial_in_real_tune_writes_its_final_record_and_a_restart_reports_it(ray
         (result,) = list(tuner.fit())
         return result
 
-    ray.cloudpickle.register_pickle_by_value(toy)
-    try:
-        first = fit("tune")
-        store = TrialStore(storage.sub("sweeps", "s"))
-        (rec,) = store.records()
-        assert rec.status == OK and rec.attempts == 1 and rec.experiment == "tune" and rec.trial_id == first.metrics[
-            "trial_id"]
-        assert rec.final["phase"] == "final" and 0.0 <= rec.final["test_acc"] <= 1.0 and rec.final["n_train"] > 0
-        assert rec.final == {k: first.metrics[k] for k in rec.final}  # what Tune got is the record
-        assert store.read_state(rec.key) is None  # the training state is gone once the trial is done
-        assert yaml.safe_load((tmp_path / "proj" / "runs" / "sweeps" / "s" / "config.yaml").read_text())["name"]
-        # the same trial again (a restored searcher suggesting it under a new id): no training, the record reported
-        second = fit("tune-again")
-        (again,) = store.records()
-        assert again == rec  # untouched: not started again
-        assert {k: second.metrics[k] for k in rec.final} == rec.final
-        assert second.metrics["trial_id"] != rec.trial_id
-    finally:
-        ray.cloudpickle.unregister_pickle_by_value(toy)
+    # the trainable and its config come from the package: nothing of tests/ is shipped to workers
+    first = fit("tune")
+    store = TrialStore(storage.sub("sweeps", "s"))
+    (rec,) = store.records()
+    assert rec.status == OK and rec.attempts == 1 and rec.experiment == "tune" and rec.trial_id == first.metrics[
+        "trial_id"]
+    assert rec.final["phase"] == "final" and 0.0 <= rec.final["test_acc"] <= 1.0 and rec.final["n_train"] > 0
+    assert rec.final == {k: first.metrics[k] for k in rec.final}  # what Tune got is the record
+    assert store.read_state(rec.key) is None  # the training state is gone once the trial is done
+    assert yaml.safe_load((tmp_path / "proj" / "runs" / "sweeps" / "s" / "config.yaml").read_text())["name"]
+    # the same trial again (a restored searcher suggesting it under a new id): no training, the record reported
+    second = fit("tune-again")
+    (again,) = store.records()
+    assert again == rec  # untouched: not started again
+    assert {k: second.metrics[k] for k in rec.final} == rec.final
+    assert second.metrics["trial_id"] != rec.trial_id
