@@ -3,7 +3,6 @@ as Parquet into a staging directory; each cache is then published with its manif
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -194,8 +193,8 @@ def _finish(job: CacheJob, staging: tuple[str, ...], seconds: float, shared: dic
         raise CacheError(f"the cache job wrote {sum(f['rows'] for f in files)} rows for {job.num_examples} examples")
     publish(storage, staging, fp)
     loc = job.teacher
-    model_args = json.loads(loc.storage().read_bytes(*loc.parts, "heads.json"))
-    enc_cfg = json.loads(loc.storage().read_bytes(*loc.parts, "encoder", "config.json"))
+    model_args = loc.read_json("heads.json")
+    enc_cfg = loc.read_json("encoder", "config.json")
     hidden = int(enc_cfg["hidden_size"])
     total = sum(f["bytes"] for f in files)
     mean_tokens = float(np.mean(pc.list_value_length(job.table["input_ids"]).to_numpy()))

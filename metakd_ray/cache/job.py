@@ -106,13 +106,13 @@ class CacheJob:
         return self.table.num_rows
 
     def est_bytes(self) -> int:
-        enc = json.loads(self.teacher.storage().read_bytes(*self.teacher.parts, "encoder", "config.json"))
+        enc = self.teacher.read_json("encoder", "config.json")
         return estimate_bytes(pc.list_value_length(self.table["input_ids"]).to_numpy(),
                               len(self.layers) + 2 * len(self.qk_layers), int(enc["hidden_size"]), self.precision)
 
     def signature(self) -> tuple:
         """Jobs with the same signature write rows of the same schema, so one Ray Data job can build them all."""
-        heads = json.loads(self.teacher.storage().read_bytes(*self.teacher.parts, "heads.json"))
+        heads = self.teacher.read_json("heads.json")
         return (heads.get("cls"), self.has_prototype_scores, "token_type_ids" in self.table.column_names,
                 self.layers, self.qk_layers, self.precision, self.compression)
 
