@@ -116,20 +116,24 @@ def _finished_trials(project: Path, name: str) -> dict[str, dict]:
 
 
 @pytest.mark.timeout(600)
-def test_killed_driver_resumes_without_rerunning_finished_trials(project):
+def test_killed_driver_resumes_without_rerunning_finished_trials(project, tmp_path):
     cfg = project / "sweep.yaml"
     overrides = ("name=killed", "sweep.trials_per_cell=4", "distill.stage2_epochs=3")
-    proc = subprocess.Popen(sweep_cmd(cfg, *overrides), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 400
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(sweep_cmd(cfg, *overrides), cwd=REPO, env=env(), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    t0 = time.time()
     try:
-        while time.time() < deadline and len(_finished_trials(project, "killed")) < 2:
+        while time.time() < t0 + 400 and proc.poll() is None and len(_finished_trials(project, "killed")) < 2:
             time.sleep(0.2)
     finally:
+        exited = proc.poll()
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     before = _finished_trials(project, "killed")
-    assert 2 <= len(before) < 8, sorted(before)  # killed mid-run
+    why = f"after {time.time() - t0:.0f} s, driver exit status {exited}; its log ends:\n" + log.read_text()[-4000:]
+    assert 2 <= len(before) < 8, why  # killed mid-run
     r = run_sweep(cfg, *overrides)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     df = load_results(sweep_dir(project, "killed"))
