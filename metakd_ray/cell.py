@@ -26,7 +26,9 @@ from torch.utils.data import DataLoader
 from metakd_ray import config as C
 from metakd_ray import data as D
 from metakd_ray import models as M
+from metakd_ray.data.batching import EpochSampler, by_length, lengths_of
 from metakd_ray.distill import Stage, TeacherSource, distill, student_logits
+from metakd_ray.runtime import CPU_FP32, Runtime
 from metakd_ray.training import Checkpointer, StageResult, accuracy_by_domain
 
 # Batch size of every evaluation and inference pass (dev/test accuracy, prototype features): no gradients, so
@@ -63,14 +65,18 @@ def filter_domains(ds: datasets.Dataset, keep: Sequence[str], domains: tuple[str
     return ds.filter(lambda ids: [i in wanted for i in ids], input_columns="domain_id", batched=True)
 
 
-def loader(ds: datasets.Dataset, collate: Callable, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
+def loader(ds: datasets.Dataset, collate: Callable, batch_size: int, seed: int,
+           compute: C.ComputeConfig) -> DataLoader:
+    """A training loader: each epoch's order a function of (``seed``, epoch), grouped by length per
+    ``compute.group_by_length`` (``data/batching.py``); ``train_stage`` sets the epoch."""
+    sampler = EpochSampler(lengths_of(ds), batch_size, seed=seed, group_by_length=compute.group_by_length,
+                           window=compute.length_window)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate)
 
 
 def eval_loader(ds: datasets.Dataset, collate: Callable) -> DataLoader:
-    """Rows in order, ``EVAL_BATCH_SIZE`` at a time."""
-    return loader(ds, collate, EVAL_BATCH_SIZE, shuffle=False)
+    """Rows longest first (least padding), ``EVAL_BATCH_SIZE`` at a time; ``loader.sampler`` lists the row order."""
+    return DataLoader(ds, batch_size=EVAL_BATCH_SIZE, sampler=by_length(lengths_of(ds)), collate_fn=collate)
 
 
 def training_pool(cfg: C.Config, splits: D.Splits, target: str | None, rate: float, seed: int) -> datasets.Dataset:
@@ -143,9 +149,10 @@ def student_data(cfg: C.Config, splits: D.Splits, tokenizer: Any, target: str, r
 
 
 def build_student(cfg: C.Config, encoder: nn.Module, tokenizer: Any, method: str, num_labels: int, num_domains: int,
-                  teacher: TeacherSource | None) -> M.Student:
+                  teacher: TeacherSource | None, seed: int) -> M.Student:
     """The student of student ``method`` (``finetune``, ``tinybert_kd``, ``meta_kd``) from the pre-trained
-    ``encoder`` (copied, never changed), shaped by its ``teacher`` source (None for ``finetune``)."""
+    ``encoder`` (copied, never changed), shaped by its ``teacher`` source (None for ``finetune``). Its new layers
+    are drawn from ``seed`` alone, whatever ran before in the process (a reused Tune actor)."""
     student_encoder = M.build_student(cfg.model, copy.deepcopy(encoder), tokenizer)
     meta = method == "meta_kd"
     if teacher is not None and method != "finetune":
@@ -157,10 +164,13 @@ def build_student(cfg: C.Config, encoder: nn.Module, tokenizer: Any, method: str
                              "model.student.num_layers (or model.student.layers) to the student's depth")
         if meta and teacher.domain_hidden_size is None:
             raise ValueError("meta_kd needs a teacher with a domain head (kind 'meta')")
-    return M.Student(student_encoder, num_labels,
-                     teacher_hidden_size=teacher.hidden_size if teacher is not None else encoder.config.hidden_size,
-                     teacher_domain_hidden_size=teacher.domain_hidden_size if meta and teacher is not None else None,
-                     num_domains=num_domains if meta else None, pooling=cfg.model.pooling, dropout=cfg.model.dropout)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return M.Student(student_encoder, num_labels,
+                         teacher_hidden_size=teacher.hidden_size if teacher is not None else encoder.config.hidden_size,
+                         teacher_domain_hidden_size=teacher.domain_hidden_size if meta and teacher is not None else None,
+                         num_domains=num_domains if meta else None, pooling=cfg.model.pooling,
+                         dropout=cfg.model.dropout)
 
 
 @dataclass
@@ -174,13 +184,15 @@ def train_student(cfg: C.Config, data: StudentData, student: M.Student, method: 
                   *, tokenizer: Any, domains: tuple[str, ...], seed: int,
                   checkpointer: Callable[[Stage], Checkpointer] | None = None,
                   checkpoint_dir: str | Path | None = None,
-                  log: Callable[[dict], None] | None = None) -> StudentRun:
+                  log: Callable[[dict], None] | None = None, runtime: Runtime = CPU_FP32) -> StudentRun:
     """Distil (or fine-tune) ``student`` on ``data.train``, keep its dev-best epoch, score it on ``data.test``.
     Each stage checkpoints every epoch, through ``checkpointer(stage)`` or to ``<checkpoint_dir>/<stage name>``,
-    and a rerun resumes."""
+    and a rerun resumes. The student is moved to ``runtime.device`` and trained and scored in its precision
+    (the teacher source must give records on that device)."""
     collate = D.collator(tokenizer)
-    stages = distill(student, method, teacher, loader(data.train, collate, cfg.distill.batch_size, True, seed),
+    student.to(runtime.device)
+    stages = distill(student, method, teacher, loader(data.train, collate, cfg.distill.batch_size, seed, cfg.compute),
                      eval_loader(data.dev, collate), cfg.distill, domain_names=domains, seed=seed,
-                     checkpoint_dir=checkpoint_dir, checkpointer=checkpointer, log=log)
-    test = accuracy_by_domain(student, eval_loader(data.test, collate), domains, student_logits)
+                     checkpoint_dir=checkpoint_dir, checkpointer=checkpointer, log=log, runtime=runtime)
+    test = accuracy_by_domain(student, eval_loader(data.test, collate), domains, student_logits, runtime=runtime)
     return StudentRun(student, stages, test)

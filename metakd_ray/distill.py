@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from metakd_ray import losses
 from metakd_ray.config import STUDENT_METHODS, DistillConfig
 from metakd_ray.models import Student
+from metakd_ray.runtime import CPU_FP32, Runtime
 from metakd_ray.training import (Checkpointer, LocalCheckpointer, StageConfig, StageResult, accuracy_by_domain, model_inputs,
                                  train_stage)
 
@@ -176,6 +177,7 @@ def distill(
     checkpoint_dir: str | Path | None = None,
     checkpointer: Callable[[Stage], Checkpointer] | None = None,
     log: Callable[[dict], None] | None = None,
+    runtime: Runtime = CPU_FP32,
 ) -> list[StageResult]:
     """Distil (or fine-tune) ``student`` on the target domain's ``train_loader``; stages as ``dcfg.stages`` says.
     The final stage keeps the epoch with the best accuracy on ``dev_loader`` (the target domain's dev split).
@@ -192,11 +194,13 @@ def distill(
             lambda batch, _gen, obj=stage.objective: student_loss(method, obj, student, batch, teacher, dcfg),
             train_loader,
             stage.config,
-            evaluate=((lambda: accuracy_by_domain(student, dev_loader, domain_names, student_logits))
+            evaluate=((lambda: accuracy_by_domain(student, dev_loader, domain_names, student_logits,
+                                                  runtime=runtime))
                       if stage.select_on_dev else None),
             seed=seed,
             checkpointer=checkpointer(stage) if checkpointer else None,
             log=log,
             extra_state={"distill_config": dataclasses.asdict(dcfg), "method": method},
+            runtime=runtime,
         ))
     return results

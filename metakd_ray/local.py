@@ -25,7 +25,8 @@ from metakd_ray import data as D
 from metakd_ray import models as M
 from metakd_ray.distill import LiveTeacher
 from metakd_ray.teacher.model import build_teacher, pool_prototype_scores, teacher_logits, train_teacher
-from metakd_ray.training import LocalCheckpointer, accuracy_by_domain, atomic_export
+from metakd_ray.runtime import runtime_for
+from metakd_ray.training import LocalCheckpointer, accuracy_by_domain, atomic_export, set_seed
 
 
 def run_cell(cfg: C.Config, target: str, method: str, rate: float, seed: int, out_dir: Path, *,
@@ -42,35 +43,50 @@ def run_cell(cfg: C.Config, target: str, method: str, rate: float, seed: int, ou
         encoder, tokenizer = M.load_encoder(cfg.model.teacher, dropout=cfg.model.dropout)
     M.check_max_length(encoder, cfg.data.max_length)
     domains, collate = splits.domains, D.collator(tokenizer)
-    ids, scores = pool_prototype_scores(cfg, splits, encoder, tokenizer, kind, target, rate, seed)
+    runtime = runtime_for(cfg.compute.precision)  # this machine's GPU if it has one, else the CPU
+    ids, scores = pool_prototype_scores(cfg, splits, encoder, tokenizer, kind, target, rate, seed, runtime)
     scores_by_id = dict(zip(ids, scores.tolist()))
     data = CELL.student_data(cfg, splits, tokenizer, target, rate, seed, scores_by_id)
     result: dict[str, Any] = {"target": target, "method": method, "rate": rate, "seed": seed,
-                              "n_student_train": len(data.train)}
+                              "n_student_train": len(data.train), "device": runtime.device.type,
+                              "precision": runtime.precision}
+    seconds: dict[str, float] = {"prototypes": time.time() - t0}
     source = None
     if kind != "none":
         tdoms = CELL.teacher_domains(kind, target, domains, cfg.teacher.exclude_target)
         train, dev = CELL.teacher_sets(cfg, splits, tokenizer, tdoms, target, rate, seed, scores_by_id)
         # the teacher trains a copy: the student starts from the pre-trained encoder, not the fine-tuned one
+        t1 = time.time()
+        set_seed(seed)
         teacher = build_teacher(kind, copy.deepcopy(encoder), splits.num_labels, len(domains), cfg.model)
-        tres = train_teacher(teacher, kind, CELL.loader(train, collate, cfg.teacher.batch_size, True, seed),
+        teacher.to(runtime.device)
+        tres = train_teacher(teacher, kind, CELL.loader(train, collate, cfg.teacher.batch_size, seed, cfg.compute),
                              CELL.eval_loader(dev, collate), cfg.teacher, num_domains=len(domains),
                              domain_names=domains, seed=seed, checkpointer=LocalCheckpointer(out_dir / "teacher"),
-                             log=log)
+                             log=log, runtime=runtime)
         atomic_export(lambda d: teacher.save_pretrained(d, tokenizer), out_dir / "teacher" / "best")
         test = CELL.tokenize_splits(cfg, tokenizer, test=CELL.filter_domains(splits["test"], tdoms, domains))["test"]
         result.update(n_teacher_train=len(train), teacher_dev=tres.best_dev,
                       teacher_test=accuracy_by_domain(teacher, CELL.eval_loader(test, collate), domains,
-                                                      teacher_logits))
+                                                      teacher_logits, runtime=runtime))
+        seconds["teacher"] = time.time() - t1
         g = M.student_layer_map(cfg.model, encoder.config.num_hidden_layers)
         source = LiveTeacher(teacher, g, dropout=cfg.distill.teacher_dropout)
-    student = CELL.build_student(cfg, encoder, tokenizer, student_method, splits.num_labels, len(domains), source)
+    t2 = time.time()
+    student = CELL.build_student(cfg, encoder, tokenizer, student_method, splits.num_labels, len(domains), source,
+                                 seed=seed)
     run = CELL.train_student(cfg, data, student, student_method, source, tokenizer=tokenizer, domains=domains,
-                             seed=seed, checkpoint_dir=out_dir / "student", log=log)
+                             seed=seed, checkpoint_dir=out_dir / "student", log=log, runtime=runtime)
+    seconds["student"] = time.time() - t2
     atomic_export(lambda d: student.save_pretrained(d, tokenizer), out_dir / "student" / "best")
     result["student_test"] = run.test_accuracy
     result["params"] = M.describe_models(encoder, student.encoder)
     result["seconds"] = time.time() - t0
+    result["stage_seconds"] = seconds
+    if runtime.device.type == "cuda":
+        import torch
+
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     (out_dir / "result.json").write_text(json.dumps(result, indent=2, default=str))
     return result
 
@@ -112,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         print("teacher test accuracy: " + ", ".join(f"{d} {a:.4f}" for d, a in res["teacher_test"].items()))
     print("student test accuracy: " + ", ".join(f"{d} {a:.4f}" for d, a in res["student_test"].items()))
     p = res["params"]
+    print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in res["stage_seconds"].items())
+          + f"; {res['precision']} on {res['device']}"
+          + (f"; peak GPU memory {res['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in res else ""))
     print(f"student {p['student']['params']:,} params, teacher {p['teacher']['params']:,}: "
           f"{p['compression_ratio']:.2f}x smaller; {res['seconds']:.0f} s; artefacts in {out}")
     return 0

@@ -16,13 +16,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Protocol
+from typing import Any, Callable, Iterable, Literal, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from metakd_ray.losses import LossTerms
+from metakd_ray.runtime import CPU_FP32, Runtime
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -70,14 +71,18 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, total_steps
 
 @torch.no_grad()
 def accuracy_by_domain(model: nn.Module, loader: Iterable[dict], domain_names: tuple[str, ...],
-                       logits_fn: Callable[[nn.Module, dict], torch.Tensor]) -> dict[str, float]:
-    """Accuracy per domain present in ``loader`` (keyed by name) and their unweighted ``mean``."""
+                       logits_fn: Callable[[nn.Module, dict], torch.Tensor], *,
+                       runtime: Runtime = CPU_FP32) -> dict[str, float]:
+    """Accuracy per domain present in ``loader`` (keyed by name) and their unweighted ``mean``; forward passes on
+    ``runtime``'s device and in its precision (``model`` must be on that device)."""
     was_training = model.training
     model.eval()
     correct: dict[int, int] = {}
     total: dict[int, int] = {}
     for batch in loader:
-        ok = (logits_fn(model, batch).argmax(-1) == batch["labels"]).tolist()
+        with runtime.autocast():
+            logits = logits_fn(model, runtime.to_device(batch))
+        ok = (logits.argmax(-1).cpu() == batch["labels"]).tolist()
         for d, hit in zip(batch["domain_ids"].tolist(), ok):
             correct[d] = correct.get(d, 0) + int(hit)
             total[d] = total.get(d, 0) + 1
@@ -180,6 +185,7 @@ def train_stage(
     log: Callable[[dict], None] | None = None,
     set_epoch: Callable[[int], None] | None = None,
     extra_state: dict | None = None,
+    runtime: Runtime = CPU_FP32,
 ) -> StageResult:
     """Train ``model`` for one stage.
 
@@ -197,6 +203,9 @@ def train_stage(
         steps_per_epoch = 1
     opt, sched = make_optimizer(model, stage.lr, stage.weight_decay, stage.epochs * steps_per_epoch, stage.warmup,
                                 stage.schedule)
+    if set_epoch is None:
+        set_epoch = getattr(getattr(train_loader, "sampler", None), "set_epoch", None)
+    scaler = runtime.scaler()
     set_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     start, step, history = 0, 0, []
@@ -213,26 +222,32 @@ def train_stage(
         best_dev, best_epoch, best_state = state["best_dev"], state["best_epoch"], state["best_state"]
         gen.set_state(state["generator"])
         set_rng_state(state["rng"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
     model.train()
     for epoch in range(start, stage.epochs):
         if set_epoch:
             set_epoch(epoch)
-        sums: dict[str, float] = {}
+        sums: dict[str, Any] = {}
         batches = 0
         for batch in train_loader:
-            terms = loss_fn(batch, gen)
+            with runtime.autocast():
+                terms = loss_fn(runtime.to_device(batch), gen)
             opt.zero_grad(set_to_none=True)
-            terms.total.backward()
+            scaler.scale(terms.total).backward()
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_norm)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             step += 1
             batches += 1
-            sums["loss"] = sums.get("loss", 0.0) + float(terms.total.detach())
+            # summed on the device: no host sync per step
+            sums["loss"] = sums.get("loss", 0.0) + terms.total.detach().float()
             for name, value in terms.terms.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach().float().mean())
+                sums[name] = sums.get(name, 0.0) + value.detach().float().mean()
         metrics: dict = {"stage": stage.name, "epoch": epoch, "step": step,
-                         **{f"train_{k}": v / max(batches, 1) for k, v in sums.items()}}
+                         **{f"train_{k}": float(v) / max(batches, 1) for k, v in sums.items()}}
         if evaluate is not None:
             dev = evaluate()
             metrics.update({f"dev_acc_{k}": v for k, v in dev.items()})
@@ -246,7 +261,8 @@ def train_stage(
             checkpointer.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "epoch": epoch, "step": step, "history": history,
                                "best_dev": best_dev, "best_epoch": best_epoch, "best_state": best_state,
-                               "generator": gen.get_state(), "rng": rng_state(), **(extra_state or {})},
+                               "generator": gen.get_state(), "rng": rng_state(), "scaler": scaler.state_dict(),
+                               "precision": runtime.precision, **(extra_state or {})},
                               metrics)
     if best_state is not None:
         model.load_state_dict(best_state)

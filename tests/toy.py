@@ -58,6 +58,7 @@ def tiny_config(tmp_path, *more: str, **extra) -> C.Config:
         "teacher.epochs=4", "teacher.lr=0.003", "teacher.batch_size=8", "teacher.warmup=0.0",
         "distill.stage1_epochs=3", "distill.stage1_lr=0.003", "distill.stage2_epochs=3", "distill.stage2_lr=0.003",
         "distill.batch_size=8", "distill.warmup=0.0", f"storage.root={tmp_path}",
+        "compute.precision=fp32",  # exact comparisons and pinned numbers: the same on every CPU
         *[f"{k}={v}" for k, v in extra.items()], *more,
     ]
     return C.from_dict({}, overrides)

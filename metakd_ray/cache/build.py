@@ -44,10 +44,14 @@ class TeacherPass:
 
     def __init__(self, teacher_root: str, teacher_parts: tuple[str, ...], layers: tuple[int, ...],
                  qk_layers: tuple[int, ...], precision: str, threads: int,
-                 teachers: tuple[tuple[str, tuple[str, ...]], ...] | None = None):
+                 teachers: tuple[tuple[str, tuple[str, ...]], ...] | None = None, compute: str = "fp32"):
         import torch
 
+        from metakd_ray.runtime import Runtime, current_device
+
         torch.set_num_threads(max(1, int(threads)))
+        # the actor's GPU when Ray gave it one (ray.cache_gpus), in the precision the driver resolved for it
+        self.runtime = Runtime(current_device(), compute)
         # several teachers (a job building several caches): row i uses teachers[row[TEACHER_COL]], loaded on first
         # use, one at a time (rows come grouped by teacher, so each actor loads each teacher about once)
         self.teachers = tuple(teachers) if teachers else ((teacher_root, tuple(teacher_parts)),)
@@ -63,7 +67,7 @@ class TeacherPass:
         self.model = None
         root, parts = self.teachers[i]
         with Storage(root).local_copy(*parts) as d:
-            self.model = load_task_model(d).eval()
+            self.model = load_task_model(d).eval().to(self.runtime.device)
         # No attention maps are read here (scores are rebuilt from stored layer inputs, or Q/K are hooked), so the
         # fused kernel can replace the eager attention the training code needs.
         if hasattr(self.model.encoder, "set_attn_implementation"):
@@ -100,7 +104,9 @@ class TeacherPass:
             if "token_type_ids" in batch:
                 types[i, :len(s)] = torch.from_numpy(np.asarray(batch["token_type_ids"][i], dtype=np.int64))
         domain_ids = torch.from_numpy(np.asarray(batch["domain_id"], dtype=np.int64))
-        with torch.inference_mode():
+        rt = self.runtime
+        ids, mask, types, domain_ids = (x.to(rt.device) for x in (ids, mask, types, domain_ids))
+        with torch.inference_mode(), rt.autocast():
             if self.qk_layers:
                 with _capture_query_key(self.model.encoder) as qk:
                     out = self.model(ids, mask, types, domain_ids=domain_ids)
@@ -110,11 +116,12 @@ class TeacherPass:
         cols: dict[str, Any] = {
             "id": pa.array([str(x) for x in batch["id"]], pa.string()),
             "n_tokens": pa.array(lens, pa.int32()),
-            "logits": pa.array([r.astype("<f4").tobytes() for r in out.logits.float().numpy()], pa.large_binary()),
+            "logits": pa.array([r.astype("<f4").tobytes() for r in out.logits.float().cpu().numpy()],
+                               pa.large_binary()),
         }
         if out.domain_hidden is not None:
-            cols["domain_hidden"] = pa.array([r.astype("<f2").tobytes() for r in out.domain_hidden.float().numpy()],
-                                             pa.large_binary())
+            cols["domain_hidden"] = pa.array([r.astype("<f2").tobytes()
+                                              for r in out.domain_hidden.float().cpu().numpy()], pa.large_binary())
         if "prototype_score" in batch:
             cols["prototype_score"] = pa.array(np.asarray(batch["prototype_score"], dtype=np.float32), pa.float32())
 
@@ -138,9 +145,9 @@ def encode_cells(x: Any, real: Any, lens: np.ndarray, precision: str) -> pa.Arra
     import torch
 
     if precision != "float16" or sys.byteorder != "little":
-        xs = x.float().numpy()
+        xs = x.float().cpu().numpy()
         return pa.array([encode_matrix(xs[i, :n], precision) for i, n in enumerate(lens)], pa.large_binary())
-    flat = x.to(torch.float16)[real].contiguous().numpy()  # (sum of lens, d)
+    flat = x.to(torch.float16)[real].contiguous().cpu().numpy()  # (sum of lens, d)
     offsets = np.zeros(len(lens) + 1, dtype=np.int64)
     np.cumsum(np.asarray(lens, dtype=np.int64) * x.shape[-1] * 2, out=offsets[1:])
     return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(lens),
@@ -152,7 +159,7 @@ def run_teacher_job(table: pa.Table, teacher: TeacherLocation, out_storage: Stor
                     cpus_per_actor: float, threads_per_actor: int | None = None, batch_size: int = 32,
                     rows_per_block: int | None = None, compression: str = "zstd",
                     teachers: tuple[tuple[str, tuple[str, ...]], ...] | None = None,
-                    partition_col: str | None = None) -> float:
+                    partition_col: str | None = None, compute: str = "fp32", gpus_per_actor: float = 0.0) -> float:
     """The Ray Data pass: rows -> repartition -> actor pool running the teacher -> Parquet under ``out_parts``
     (overwritten). With ``teachers``, rows name theirs in ``TEACHER_COL`` and the files are written partitioned by
     ``partition_col`` (``<out_parts>/<col>=<value>/``). Returns the wall time in seconds."""
@@ -176,15 +183,17 @@ def run_teacher_job(table: pa.Table, teacher: TeacherLocation, out_storage: Stor
         .map_batches(TeacherPass,
                      fn_constructor_kwargs=dict(teacher_root=teacher.root, teacher_parts=tuple(teacher.parts),
                                                 layers=layers, qk_layers=qk_layers, precision=precision,
-                                                threads=threads, teachers=teachers),
+                                                threads=threads, teachers=teachers, compute=compute),
                      compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
+                     num_gpus=gpus_per_actor or None,
                      batch_size=batch_size, batch_format="numpy", udf_modifying_row_count=False)
         .write_parquet(out_storage.path(*out_parts), filesystem=out_storage.fs, mode=ray.data.SaveMode.OVERWRITE,
                        compression=compression, partition_cols=[partition_col] if partition_col else None))
     return time.perf_counter() - t0
 
 
-def _finish(job: CacheJob, staging: tuple[str, ...], seconds: float, shared: dict | None = None) -> CacheRef:
+def _finish(job: CacheJob, staging: tuple[str, ...], seconds: float, shared: dict | None = None,
+            cfg_gpus: float = 0.0) -> CacheRef:
     """Check the staged files of ``job``, publish them and write the manifest (last)."""
     storage, fp = job.storage, job.fingerprint
     names = [n for n in storage.listdir(*staging) if n.endswith(".parquet")]
@@ -206,7 +215,8 @@ def _finish(job: CacheJob, staging: tuple[str, ...], seconds: float, shared: dic
                     "num_layers": enc_cfg.get("num_hidden_layers"), "hidden_size": hidden,
                     "num_heads": enc_cfg.get("num_attention_heads")},
         "layer_map": list(job.key["layer_map"]), "stored_layers": list(job.layers), "qk_layers": list(job.qk_layers),
-        "precision": job.precision, "attention": job.attention,
+        "precision": job.precision, "attention": job.attention, "compute": job.compute,
+        "device": "cuda" if cfg_gpus else "cpu",
         "has_domain_hidden": model_args.get("cls") == "MetaTeacher",
         "has_prototype_scores": job.has_prototype_scores, "compression": job.compression,
         "files": files, "mean_tokens": mean_tokens,
@@ -303,13 +313,15 @@ def _build(cfg: Any, jobs: list[CacheJob], **job_args: Any) -> dict[str, CacheRe
         seconds = run_teacher_job(table, first.teacher, storage, staging, layers=first.layers,
                                   qk_layers=first.qk_layers, precision=first.precision, actors=cfg.ray.cache_actors,
                                   cpus_per_actor=cfg.ray.cpus_per_actor, compression=first.compression,
-                                  teachers=teachers, partition_col=partition, **job_args)
+                                  teachers=teachers, partition_col=partition, compute=first.compute,
+                                  gpus_per_actor=cfg.ray.gpus("cache"), **job_args)
         total_rows = table.num_rows
         shared = None if partition is None else {"caches": len(jobs), "rows": total_rows,
                                                  "seconds": round(seconds, 3)}
         for j in jobs:
             part = staging if partition is None else (*staging, f"{CACHE_COL}={j.fingerprint}")
-            refs[j.fingerprint] = _finish(j, part, seconds * j.num_examples / total_rows, shared)
+            refs[j.fingerprint] = _finish(j, part, seconds * j.num_examples / total_rows, shared,
+                                          cfg.ray.gpus("cache"))
     finally:
         storage.delete(*staging)
     return refs

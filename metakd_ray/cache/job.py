@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from metakd_ray.cache.format import ATTENTION_MODES, FORMAT_VERSION, PRECISIONS, matrix_bytes, stored_layers
+from metakd_ray.runtime import stage_precision
 from metakd_ray.storage import Storage, hash_json
 from metakd_ray.teacher.artefact import TeacherLocation, resolve_teacher, teacher_fingerprint
 
@@ -26,12 +27,13 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def cache_key(*, teacher: Mapping[str, str], tokenizer: str, max_length: int, layer_map: Sequence[int], domain: str,
               split: str, ids: Sequence[str], input_hash: str, prototype_hash: str | None, precision: str,
-              attention: str) -> dict:
-    """What the fingerprint hashes (kept verbatim in the manifest)."""
+              attention: str, compute: str) -> dict:
+    """What the fingerprint hashes (kept verbatim in the manifest). ``precision``: how values are stored;
+    ``compute``: the precision the teacher pass ran in (``compute.precision`` resolved for the cache's device)."""
     return {"format": FORMAT_VERSION, "teacher_weights": teacher["weights"], "tokenizer": tokenizer,
             "max_length": int(max_length), "layer_map": [int(x) for x in layer_map], "domain": domain,
             "split": split, "ids": hash_json(sorted(ids)), "num_examples": len(ids), "inputs": input_hash,
-            "prototype_scores": prototype_hash, "precision": precision, "attention": attention}
+            "prototype_scores": prototype_hash, "precision": precision, "attention": attention, "compute": compute}
 
 
 def fingerprint(key: Mapping[str, Any]) -> str:
@@ -100,6 +102,7 @@ class CacheJob:
     attention: str
     compression: str
     has_prototype_scores: bool
+    compute: str = "fp32"  # the precision of the teacher pass
 
     @property
     def num_examples(self) -> int:
@@ -114,7 +117,7 @@ class CacheJob:
         """Jobs with the same signature write rows of the same schema, so one Ray Data job can build them all."""
         heads = self.teacher.read_json("heads.json")
         return (heads.get("cls"), self.has_prototype_scores, "token_type_ids" in self.table.column_names,
-                self.layers, self.qk_layers, self.precision, self.compression)
+                self.layers, self.qk_layers, self.precision, self.compression, self.compute)
 
 
 def cache_job(cfg: Any, storage: Storage | None, teacher: str | os.PathLike, domain: str, split_dataset: Any,
@@ -126,6 +129,10 @@ def cache_job(cfg: Any, storage: Storage | None, teacher: str | os.PathLike, dom
     if precision not in PRECISIONS or attention not in ATTENTION_MODES:
         raise ValueError(f"precision={precision!r} (one of {PRECISIONS}), attention={attention!r} "
                          f"(one of {ATTENTION_MODES})")
+    compute = stage_precision(cfg, "cache")
+    if compute == "auto":
+        raise ValueError("compute.precision=auto for a cache pass on GPUs cannot be resolved here; run it on the "
+                         "cluster (the sweep asks a GPU) or set compute.precision")
     g = tuple(int(x) for x in layer_map)
     loc = resolve_teacher(storage, teacher)
     tfp = teacher_fingerprint(loc)
@@ -137,10 +144,10 @@ def cache_job(cfg: Any, storage: Storage | None, teacher: str | os.PathLike, dom
     tok_fp = tfp["tokenizer"] or (tokenizer_fingerprint(tokenizer) if tokenizer is not None else "")
     key = cache_key(teacher=tfp, tokenizer=tok_fp, max_length=max_length or cfg.data.max_length, layer_map=g,
                     domain=domain, split=split, ids=ids, input_hash=_input_hash(table), prototype_hash=proto_hash,
-                    precision=precision, attention=attention)
+                    precision=precision, attention=attention, compute=compute)
     return CacheJob(storage, fingerprint(key), key, loc, table, stored_layers(g, attention),
                     tuple(g[1:]) if attention == "qk" else (), precision, attention, compression,
-                    prototype_scores is not None)
+                    prototype_scores is not None, compute)
 
 def estimate_bytes(lengths: Sequence[int] | np.ndarray, matrices: int, hidden: int, precision: str = "float16") -> int:
     """Upper estimate of a cache's size on disk before it is built: ``matrices`` stored (t, hidden) matrices per

@@ -179,18 +179,21 @@ class CachedTeacher:
     @torch.no_grad()
     def __call__(self, batch: dict, needs_layers: bool = True) -> TeacherRecord:
         d = self.data
+        mask = batch["attention_mask"]
+        dev = mask.device  # records on the batch's device (a trial on a GPU)
         rows = self._rows(batch["ids"])
-        logits = torch.from_numpy(d.logits[rows])
-        domain_hidden = torch.from_numpy(d.domain_hidden[rows]).float() if d.domain_hidden is not None else None
-        proto = (torch.from_numpy(d.prototype_scores[rows]) if d.prototype_scores is not None
+        logits = torch.from_numpy(d.logits[rows]).to(dev)
+        domain_hidden = (torch.from_numpy(d.domain_hidden[rows]).to(dev, torch.float32)
+                         if d.domain_hidden is not None else None)
+        proto = (torch.from_numpy(d.prototype_scores[rows]).to(dev) if d.prototype_scores is not None
                  else batch.get("prototype_scores"))
         if not needs_layers:
             return TeacherRecord(logits, (), (), domain_hidden, proto)
 
-        mask = batch["attention_mask"]
+        self.parts.to(dev)  # once per device: later calls find the parameters there
         b, t = mask.shape
         lens = d.n_tokens[rows]
-        real = mask.sum(dim=1).numpy()
+        real = mask.sum(dim=1).cpu().numpy()
         if not np.array_equal(real, lens):
             bad = int(np.flatnonzero(real != lens)[0])
             raise CacheError(f"example {batch['ids'][bad]!r} has {int(real[bad])} tokens in the batch but "
@@ -204,8 +207,8 @@ class CachedTeacher:
 
         def matrix(name: str) -> Tensor:
             if name not in got:
-                out = torch.zeros(b * t, width)
-                out[dst] = torch.from_numpy(d.matrices[name][src]).float()
+                out = torch.zeros(b * t, width, device=dev)
+                out[dst] = torch.from_numpy(d.matrices[name][src]).to(dev, torch.float32)
                 got[name] = out.view(b, t, width)
             return got[name]
 

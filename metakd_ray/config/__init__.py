@@ -27,6 +27,7 @@ from metakd_ray.config.schema import (
     TUNABLE,
     TUNABLE_NAMES,
     VALID_METHODS,
+    ComputeConfig,
     Config,
     DataConfig,
     Dataset,
@@ -44,7 +45,7 @@ from metakd_ray.config.schema import (
 
 __all__ = [
     "ConfigError", "Config", "DataConfig", "TableConfig", "ModelConfig", "StudentConfig", "TeacherConfig",
-    "DistillConfig", "SweepConfig", "RayConfig", "StorageConfig", "AMAZON_DOMAINS", "MNLI_GENRES",
+    "DistillConfig", "ComputeConfig", "SweepConfig", "RayConfig", "StorageConfig", "AMAZON_DOMAINS", "MNLI_GENRES",
     "DEFAULT_TEACHER", "TEACHER_KINDS", "STUDENT_METHODS", "VALID_METHODS", "TUNABLE", "TUNABLE_NAMES", "Dataset",
     "TeacherKind", "StudentMethod", "parse_override", "from_dict", "load", "to_dict", "to_yaml", "with_overrides",
     "write_resolved", "main",

@@ -188,6 +188,21 @@ class DistillConfig(Section):
 
 
 @dataclass(frozen=True)
+class ComputeConfig(Section):
+    """How numbers are computed, in every stage (teacher training, prototype pass, cache pass, student training,
+    evaluation). Part of every teacher's and cache's identity: a change makes new artefacts."""
+
+    _path: ClassVar[str] = "compute"
+    # auto = bf16 autocast on a CPU with native bf16 (else fp32, said once) and on a GPU that supports it, else
+    # fp16 with a gradient scaler. Weights and optimiser state stay fp32; losses are computed in fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # Training batches of similar lengths (shuffle, then sort windows of ``length_window`` batches by length, as
+    # HF's group_by_length does; seeded per epoch) and evaluation in length order: less padding.
+    group_by_length: bool = True
+    length_window: int = num(50, 1, 100000)
+
+
+@dataclass(frozen=True)
 class SweepConfig(Section):
     """Sweep axes. A cell = (target domain, sample rate, method, seed); ``trials_per_cell`` Optuna trials each.
 
@@ -235,15 +250,29 @@ class RayConfig(Section):
     train_workers: int = num(1, 0, 10000)  # Ray Train workers per teacher run (0 = in the driver)
     cpus_per_worker: float = num(1.0, 0.0, 1024.0)
     train_max_failures: int = num(1, 0, 100)  # a failed teacher run is retried this often from its latest checkpoint
+    # GPUs for every stage: 1 per teacher worker, ``cache_gpus`` per cache actor, ``trial_gpus`` per trial
+    # (fractions share a GPU: trial_gpus 0.25 runs four trials on one; 0 keeps that stage on CPUs).
     use_gpu: bool = False
     cache_actors: int = num(1, 1, 10000)
     cpus_per_actor: float = num(1.0, 0.0, 1024.0, lo_open=True)
+    cache_gpus: float = num(1.0, 0.0, 64.0)
     trial_cpus: float = num(1.0, 0.0, 1024.0, lo_open=True)
+    trial_gpus: float = num(1.0, 0.0, 64.0)
     max_concurrent_trials: int = num(0, 0, 100000)  # 0 = as many as the resources allow
 
     def _rules(self) -> Iterator[str]:
         if self.use_gpu and self.train_workers == 0:
             yield f"{self._path}.use_gpu: true needs {self._path}.train_workers >= 1"
+        for name in ("cache_gpus", "trial_gpus"):
+            value = getattr(self, name)
+            if value > 1 and value != int(value):
+                yield f"{self._path}.{name}: {value:g} is not allowed; expected a fraction in [0, 1] or a whole number"
+
+    def gpus(self, stage: str) -> float:
+        """GPUs one worker of ``stage`` (``teacher``, ``cache``, ``trial``) holds: 0 without ``use_gpu``."""
+        if not self.use_gpu:
+            return 0.0
+        return {"teacher": 1.0, "cache": self.cache_gpus, "trial": self.trial_gpus}[stage]
 
 
 @dataclass(frozen=True)
@@ -267,6 +296,7 @@ class Config(Section):
     model: ModelConfig = sub(ModelConfig)
     teacher: TeacherConfig = sub(TeacherConfig)
     distill: DistillConfig = sub(DistillConfig)
+    compute: ComputeConfig = sub(ComputeConfig)
     sweep: SweepConfig = sub(SweepConfig)
     ray: RayConfig = sub(RayConfig)
     storage: StorageConfig = sub(StorageConfig)

@@ -18,7 +18,7 @@ Conventions
 - Defaults are the paper's formulas; the reference code's behaviour is a named option where the two differ.
 """
 
-from metakd_ray.losses.base import LossTerms, pooled_representation, weighted_mean
+from metakd_ray.losses.base import LossTerms, fp32, pooled_representation, weighted_mean
 from metakd_ray.losses.student import (
     attention_mse,
     embedding_mse,
@@ -42,6 +42,7 @@ from metakd_ray.losses.teacher import (
 
 __all__ = [
     "LossTerms",
+    "fp32",
     "pooled_representation",
     "class_prototypes",
     "prototype_scores",

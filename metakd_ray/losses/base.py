@@ -5,11 +5,14 @@ Shapes and conventions: see the package docstring (``metakd_ray.losses``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Callable, Literal, TypeVar
 
 import torch
 from torch import Tensor
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,28 @@ class LossTerms:
         return out
 
 
+def _to_fp32(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_fp32(v) for v in x)
+    return x
+
+
+def fp32(fn: F) -> F:
+    """Run a loss in fp32 whatever autocast is on: its fp16/bf16 tensor arguments (also inside lists and tuples)
+    are cast to float32 (float64 stays float64) and autocast is off inside, so softmax, log-softmax, MSE and cross-entropy never run in
+    bf16/fp16 (``compute.precision``). A no-op for fp32 inputs outside autocast."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        device = next((a.device.type for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return fn(*_to_fp32(args), **{k: _to_fp32(v) for k, v in kwargs.items()})
+
+    return wrapper  # type: ignore[return-value]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------------------
@@ -55,6 +80,7 @@ def _check_range(name: str, ids: Tensor, upper: int) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+@fp32
 def pooled_representation(
     hidden: Tensor, attention_mask: Tensor, mode: Literal["mean", "reference"] = "mean"
 ) -> Tensor:
@@ -80,6 +106,7 @@ def pooled_representation(
     return summed / count
 
 
+@fp32
 def weighted_mean(
     per_instance: Tensor, weights: Tensor | None = None, normalize: Literal["batch", "weights"] = "batch"
 ) -> Tensor:

@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metakd_ray.losses.base import LossTerms, _check_shape, weighted_mean
+from metakd_ray.losses.base import LossTerms, _check_shape, fp32, weighted_mean
 
 # ----------------------------------------------------------------------------------------------------------
 # §3 Distillation terms, each (b,)
 # ----------------------------------------------------------------------------------------------------------
 
 
+@fp32
 def hidden_mse(
     student_hidden: Tensor, teacher_hidden: Tensor, attention_mask: Tensor, include_padding: bool = False
 ) -> Tensor:
@@ -43,6 +44,7 @@ def hidden_mse(
     return (squared * real).sum(dim=1) / (real.sum(dim=1).clamp(min=1.0) * width)
 
 
+@fp32
 def embedding_mse(
     student_embeddings: Tensor, teacher_embeddings: Tensor, attention_mask: Tensor, include_padding: bool = False
 ) -> Tensor:
@@ -50,6 +52,7 @@ def embedding_mse(
     return hidden_mse(student_embeddings, teacher_embeddings, attention_mask, include_padding)
 
 
+@fp32
 def layerwise_hidden_mse(
     student_hidden_states: Sequence[Tensor],
     teacher_hidden_states: Sequence[Tensor],
@@ -66,6 +69,7 @@ def layerwise_hidden_mse(
                         for s, t in zip(student_hidden_states, teacher_hidden_states)]).sum(dim=0)
 
 
+@fp32
 def attention_mse(
     student_scores: Tensor, teacher_scores: Tensor, attention_mask: Tensor, include_padding: bool = False
 ) -> Tensor:
@@ -103,6 +107,7 @@ def attention_mse(
     return squared / (heads * real_pairs)
 
 
+@fp32
 def layerwise_attention_mse(
     student_scores: Sequence[Tensor],
     teacher_scores: Sequence[Tensor],
@@ -123,6 +128,7 @@ def _check_layers(student: Sequence[Tensor], teacher: Sequence[Tensor], what: st
         raise ValueError(f"no {what} layers to distil")
 
 
+@fp32
 def soft_cross_entropy(
     student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, scale_by_t2: bool = False
 ) -> Tensor:
@@ -143,6 +149,7 @@ def soft_cross_entropy(
     return loss * temperature**2 if scale_by_t2 else loss
 
 
+@fp32
 def transferable_knowledge_mse(student_domain_hidden: Tensor, teacher_domain_hidden: Tensor) -> Tensor:
     """L_TKD = MSE(W_d h_d^S(x), h_d^T(x)) -> (b,): mean over dt of the squared error.
 
@@ -154,6 +161,7 @@ def transferable_knowledge_mse(student_domain_hidden: Tensor, teacher_domain_hid
     return (student_domain_hidden - teacher_domain_hidden).pow(2).mean(dim=-1)
 
 
+@fp32
 def expertise_weights(teacher_logits: Tensor, labels: Tensor, prototype_scores: Tensor) -> Tensor:
     """Domain-expertise weights lambda (b,): lambda_i = (1 + t_i) / (exp((p_T(y_i | x_i) - 1)^2) + 1).
 
@@ -211,6 +219,7 @@ def _combine(terms: dict[str, Tensor], weights: Tensor | None, gamma2: float) ->
     return LossTerms(total=weighted_mean(per_instance, weights), terms=terms, weights=weights)
 
 
+@fp32
 def stage1_objective(
     student_hidden_states: Sequence[Tensor],
     teacher_hidden_states: Sequence[Tensor],
@@ -239,6 +248,7 @@ def stage1_objective(
     return _combine(terms, weights, gamma2)
 
 
+@fp32
 def stage2_objective(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -255,6 +265,7 @@ def stage2_objective(
     return _combine(terms, weights, gamma2=0.0)
 
 
+@fp32
 def single_stage_objective(
     student_hidden_states: Sequence[Tensor],
     teacher_hidden_states: Sequence[Tensor],

@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metakd_ray.losses.base import LossTerms, _check_range, _check_shape, weighted_mean
+from metakd_ray.losses.base import LossTerms, _check_range, _check_shape, fp32, weighted_mean
 
 # ----------------------------------------------------------------------------------------------------------
 # §1 Prototype scores
 # ----------------------------------------------------------------------------------------------------------
 
 
+@fp32
 def class_prototypes(
     features: Tensor,
     labels: Tensor,
@@ -63,6 +64,7 @@ def class_prototypes(
     return means.unsqueeze(1).expand(num_domains, num_classes, d).contiguous()
 
 
+@fp32
 def prototype_scores(
     features: Tensor,
     labels: Tensor,
@@ -144,11 +146,13 @@ def false_domain_labels(
     return (domain_ids + offset.to(domain_ids.device)) % num_domains
 
 
+@fp32
 def hard_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Per-instance cross-entropy CE(logits (b, c), labels (b,)) -> (b,); used by every fine-tuned model."""
     return F.cross_entropy(logits, labels.long(), reduction="none")
 
 
+@fp32
 def meta_teacher_loss(
     logits: Tensor,
     labels: Tensor,

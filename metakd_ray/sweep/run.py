@@ -29,8 +29,8 @@ def run_trials(cfg: C.Config, cells: list[Cell], storage: Storage, experiment: s
     from metakd_ray.sweep.trial import run_trial
 
     resources: dict[str, float] = {"cpu": cfg.ray.trial_cpus}
-    if cfg.ray.use_gpu:
-        resources["gpu"] = 1
+    if cfg.ray.gpus("trial"):
+        resources["gpu"] = cfg.ray.gpus("trial")  # a fraction shares a GPU between trials
     trainable = tune.with_resources(run_trial, resources)
     exp_root = storage.uri("sweeps", cfg.name)
     exp_path = storage.uri("sweeps", cfg.name, experiment)

@@ -27,7 +27,7 @@ def build_teachers(cfg: C.Config, p: Plan, storage: Storage, log: Callable[[dict
     from metakd_ray.teacher.job import ensure_teacher
 
     costs: dict = {"teachers": {}, "caches": {}}
-    gpu = 1.0 if cfg.ray.use_gpu else 0.0
+    gpu = cfg.ray.gpus("teacher")
     specs = {t.key: t for t in teacher_specs_for(cfg)}
     users: dict[str, list[str]] = {}
     for c in p.cells:
@@ -110,7 +110,8 @@ def build_caches(cfg: C.Config, groups: list[CacheGroup], storage: Storage, cost
         out += [dataclasses.replace(c, cache_key=ref.fingerprint) for c in g.cells]
         seconds = float(ref.manifest.get("build_seconds", 0.0))
         entry = costs["caches"].setdefault(ref.fingerprint, {
-            "wall_s": seconds, "cpu_s": seconds * cfg.ray.cache_actors * cfg.ray.cpus_per_actor, "gpu_s": 0.0,
+            "wall_s": seconds, "cpu_s": seconds * cfg.ray.cache_actors * cfg.ray.cpus_per_actor,
+            "gpu_s": seconds * cfg.ray.cache_actors * cfg.ray.gpus("cache"),
             "cells": []})
         entry["cells"] += [c.id for c in g.cells]
     built = sum(r.built for r in refs)

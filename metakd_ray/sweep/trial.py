@@ -14,7 +14,8 @@ that no longer exists, and Tune errors the trial. Here the one state there is, i
 Reported metrics: every epoch ``dev_acc`` (best target-domain dev accuracy so far of the dev-selected stage; 0.0
 before it), ``phase`` (stage name), ``epoch``, ``train_*``; the last report ``phase: "final"``, ``test_acc``,
 ``dev_acc``, ``wall_s``, ``cpu_s``, ``gpu_s``, ``n_train``, ``teacher_key``, ``cache_key``, ``teacher_source``
-(``cache``, ``live``, or ``""`` without a teacher).
+(``cache``, ``live``, or ``""`` without a teacher), ``device`` and ``precision`` (what the student ran with).
+``gpu_s`` counts the GPU share the trial held (``ray.trial_gpus``), not whole GPUs.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from metakd_ray import config as C
 from metakd_ray import data as D
 from metakd_ray import models as M
 from metakd_ray.distill import LiveTeacher, Stage
+from metakd_ray.runtime import CPU_FP32, Runtime, runtime_for
 from metakd_ray.storage import Storage
 from metakd_ray.sweep.plan import Cell
 from metakd_ray.sweep.records import TrialRecord, TrialStore, error_line, trial_key
@@ -101,9 +103,10 @@ class TrialCheckpointer:
                      **{k: v for k, v in metrics.items() if k.startswith("train_")}})
 
 
-def open_teacher_source(cfg: C.Config, c: Cell) -> tuple[Any, dict[str, float]]:
+def open_teacher_source(cfg: C.Config, c: Cell, runtime: Runtime = CPU_FP32) -> tuple[Any, dict[str, float]]:
     """(teacher source, prototype scores by id) of a cell: its cache when it is there and verifies, else the
-    exported teacher run live (same records up to float16; slower)."""
+    exported teacher run live on ``runtime.device`` (same records up to float16; slower). A cache gives its
+    records on the batch's device."""
     from metakd_ray.cache import CachedTeacher, CacheError, verify
     from metakd_ray.cache.store import CacheRef
     from metakd_ray.teacher.artefact import load_teacher, prototype_parts, read_prototype_scores
@@ -116,6 +119,7 @@ def open_teacher_source(cfg: C.Config, c: Cell) -> tuple[Any, dict[str, float]]:
         except (CacheError, OSError) as e:
             print(f"[trial] cache {c.cache_key} unusable ({e}); running the teacher live", flush=True)
     model, _, _ = load_teacher(storage, c.teacher_key)
+    model.to(runtime.device)
     g = M.student_layer_map(cfg.model, model.encoder.config.num_hidden_layers)
     return LiveTeacher(model, g, dropout=cfg.distill.teacher_dropout), scores
 
@@ -140,21 +144,25 @@ def _train(config: dict, c: Cell, store: TrialStore, record: list[TrialRecord], 
     t0, c0 = time.time(), _cpu_seconds()
     cfg = cell_config(config)
     torch.set_num_threads(max(1, int(round(cfg.ray.trial_cpus))))
+    # the device Ray gave this trial (its GPU share, if any) and the precision the driver resolved for trials
+    runtime = runtime_for(config.get("precision") or cfg.compute.precision)
     kind, method = CELL.split_method(c.method)
     splits = _splits(yaml.safe_dump(C.to_dict(cfg.data)))
     encoder, tokenizer = _pretrained(cfg.model.teacher, cfg.model.dropout)
-    teacher, scores = (None, None) if kind == "none" else open_teacher_source(cfg, c)
+    teacher, scores = (None, None) if kind == "none" else open_teacher_source(cfg, c, runtime)
     data = CELL.student_data(cfg, splits, tokenizer, c.domain, c.rate, c.seed, scores)
-    student = CELL.build_student(cfg, encoder, tokenizer, method, splits.num_labels, len(splits.domains), teacher)
+    student = CELL.build_student(cfg, encoder, tokenizer, method, splits.num_labels, len(splits.domains), teacher,
+                                 seed=c.seed)
     run = CELL.train_student(cfg, data, student, method, teacher, tokenizer=tokenizer, domains=splits.domains,
-                             seed=c.seed,
+                             seed=c.seed, runtime=runtime,
                              checkpointer=lambda stage: TrialCheckpointer(progress, stage, store, record))
     wall = time.time() - t0
     gpus = float(tune.get_context().get_trial_resources().required_resources.get("GPU", 0.0))
     return {"dev_acc": max(progress["best_dev"], 0.0), "phase": FINAL, "epoch": -1,
             "test_acc": run.test_accuracy[c.domain], "wall_s": wall, "cpu_s": _cpu_seconds() - c0,
             "gpu_s": wall * gpus, "n_train": len(data.train), "teacher_key": c.teacher_key,
-            "cache_key": c.cache_key, "teacher_source": teacher.kind if teacher is not None else ""}
+            "cache_key": c.cache_key, "teacher_source": teacher.kind if teacher is not None else "",
+            "device": runtime.device.type, "precision": runtime.precision}
 
 
 def run_trial(config: dict) -> None:

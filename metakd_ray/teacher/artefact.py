@@ -26,6 +26,7 @@ from typing import Any
 from metakd_ray import config as C
 from metakd_ray import data as D
 from metakd_ray.cell import teacher_domains
+from metakd_ray.runtime import stage_precision
 from metakd_ray.storage import Storage, hash_json, sha256_hex
 
 TEACHERS = "teachers"
@@ -38,7 +39,8 @@ MODEL_DIR = "model"
 # ----------------------------------------------------------------------------------------------------------
 
 # Bump when a code change alters what a teacher learns from the same config: every key changes, nothing is reused.
-TEACHER_FORMAT = 2  # 2: no-in-domain teachers score their rows without the target domain
+TEACHER_FORMAT = 3  # 2: no-in-domain teachers score their rows without the target domain; 3: epoch order from
+# (seed, epoch), grouped by length; the precision and compute options in the identity
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class TeacherSpec:
     seed: int
     target: str | None
     digest: str
+    precision: str = "fp32"  # the concrete precision it trains in (compute.precision resolved for its device)
 
     @property
     def key(self) -> str:
@@ -73,7 +76,8 @@ def teacher_identity(cfg: C.Config, kind: str, domains: tuple[str, ...], target:
                      seed: int) -> dict:
     """Everything that changes a teacher: the data (corpus, every domain of the pool, split, length, scarcity),
     the encoder and its pooling/dropout, the whole ``teacher`` section, the kind, trained domains, target, rate and
-    seed. Not the data root, the storage root or the Ray resources (they change where and how fast, not what)."""
+    seed, and the ``compute`` options with the precision resolved for the teacher's device (bf16 and fp32 teachers
+    differ). Not the data root, the storage root or the Ray resources (they change where and how fast, not what)."""
     d = cfg.data
     data: dict[str, Any] = {"dataset": d.dataset, "domains": list(d.domains), "max_length": d.max_length,
                             "split_seed": d.split_seed, "scarcity": d.scarcity}
@@ -84,7 +88,8 @@ def teacher_identity(cfg: C.Config, kind: str, domains: tuple[str, ...], target:
     return {"format": TEACHER_FORMAT, "data": data,
             "model": {"teacher": cfg.model.teacher, "pooling": cfg.model.pooling, "dropout": cfg.model.dropout},
             "teacher": C.to_dict(cfg.teacher), "kind": kind, "trained_domains": list(domains), "target": target,
-            "rate": rate, "seed": seed}
+            "rate": rate, "seed": seed,
+            "compute": {**C.to_dict(cfg.compute), "precision": stage_precision(cfg, "teacher")}}
 
 
 def teacher_spec(cfg: C.Config, kind: str, target: str | None, rate: float, seed: int) -> TeacherSpec:
@@ -106,7 +111,7 @@ def teacher_spec(cfg: C.Config, kind: str, target: str | None, rate: float, seed
     # default JSON separators: the keys of teachers made before this formula moved here stay valid
     digest = sha256_hex(json.dumps(teacher_identity(cfg, kind, domains, target, rate, seed), sort_keys=True).encode())
     digest = digest[:12]
-    return TeacherSpec(kind, domains, rate, seed, target, digest)
+    return TeacherSpec(kind, domains, rate, seed, target, digest, stage_precision(cfg, "teacher"))
 
 
 def check_worker_split(cfg: C.Config) -> None:

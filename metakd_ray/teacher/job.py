@@ -5,14 +5,15 @@ teachers; everything that reads them is in ``teacher/artefact.py``.
 
 Data path: every worker loads the splits itself (``inputs(cfg)``: the data root comes from ``data.root`` or
 ``$METAKD_DATA``, so every node reads the same files), tokenises, attaches the stored prototype scores by id and
-wraps a map-style ``DataLoader`` with ``ray.train.torch.prepare_data_loader``. We use this rather than Ray Data
-shards because a teacher's training set is small (a few thousand tokenised rows) and map-style, because a
-``DistributedSampler`` gives exact epochs (every row once per epoch, reshuffled by ``set_epoch``) and because the
-loop stays the single-process one. The sampler is our own ``DistributedSampler(seed=spec.seed)``
-(``prepare_data_loader`` keeps it; its own would always use seed 0, so every teacher seed would see the same
-order), built at every world size, with a per-worker batch of ``teacher.batch_size / workers``: the global batches
-are then the same rows for 1 or N workers, and DDP's gradient average over N equal shards equals the full batch's
-mean-loss gradient (up to float summation order).
+reads them through a map-style ``DataLoader`` with our ``data.batching.EpochSampler``. We use this rather than Ray
+Data shards because a teacher's training set is small (a few thousand tokenised rows) and map-style, and because the
+loop stays the single-process one. The sampler gives exact epochs whose order is a function of (``spec.seed``,
+epoch) — grouped by length per ``compute.group_by_length`` — dealt out by stride as ``DistributedSampler`` does,
+with a per-worker batch of ``teacher.batch_size / workers``: the global batches are then the same rows for 1 or N
+workers, and DDP's gradient average over N equal shards equals the full batch's mean-loss gradient (up to float
+summation order). ``prepare_data_loader`` is not used: it would replace any sampler that is not a
+``DistributedSampler``; ``train_stage`` moves each batch to the worker's device (``ray.train.torch.get_device``)
+and runs it in the precision the driver resolved (``spec.precision``).
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from metakd_ray import cell
 from metakd_ray import config as C
 from metakd_ray import data as D
 from metakd_ray import models as M
+from metakd_ray.data.batching import EpochSampler, lengths_of
+from metakd_ray.runtime import Runtime, resolve_precision, runtime_for
 from metakd_ray.storage import Storage
 from metakd_ray.teacher.artefact import (MANIFEST, MODEL_DIR, PROTOTYPE_FILE, TEACHERS, TeacherArtefact, TeacherSpec,
                                          check_worker_split, finished_teacher, model_location, prototype_parts,
@@ -172,10 +175,14 @@ def train_loop_per_worker(config: dict) -> dict:
     train, dev = cell.teacher_sets(cfg, splits, inputs.tokenizer, spec.domains, spec.target, spec.rate, spec.seed,
                                    read_prototype_scores(storage, *prototype_parts(spec.key)))
     collate = D.collator(inputs.tokenizer)
-    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=spec.seed)
-    train_loader = ray.train.torch.prepare_data_loader(
-        DataLoader(train, batch_size=cfg.teacher.batch_size // world, sampler=sampler, collate_fn=collate))
-    dev_loader = ray.train.torch.prepare_data_loader(cell.eval_loader(dev, collate), add_dist_sampler=False)
+    sampler = EpochSampler(lengths_of(train), cfg.teacher.batch_size, seed=spec.seed,
+                           group_by_length=cfg.compute.group_by_length, window=cfg.compute.length_window,
+                           num_replicas=world, rank=rank)
+    # the batches stay on the CPU here: train_stage moves them to the worker's device (runtime below)
+    train_loader = DataLoader(train, batch_size=cfg.teacher.batch_size // world, sampler=sampler, collate_fn=collate)
+    dev_loader = cell.eval_loader(dev, collate)
+    runtime = Runtime(ray.train.torch.get_device(), spec.precision if spec.precision != "auto" else
+                      resolve_precision(cfg.compute.precision, ray.train.torch.get_device().type))
     set_seed(spec.seed)
     model = build_teacher(spec.kind, inputs.encoder, splits.num_labels, len(splits.domains), cfg.model)
     # The encoder's buffers (position and token-type ids) are constants: synced once at DDP init, not every forward.
@@ -191,9 +198,10 @@ def train_loop_per_worker(config: dict) -> dict:
 
     result = train_teacher(model, spec.kind, train_loader, dev_loader, cfg.teacher, num_domains=len(splits.domains),
                            domain_names=splits.domains, seed=spec.seed, checkpointer=checkpointer, log=log,
-                           set_epoch=sampler.set_epoch)
+                           set_epoch=sampler.set_epoch, runtime=runtime)
     return {"start_epoch": checkpointer.start_epoch, "best_dev": result.best_dev, "best_epoch": result.best_epoch,
-            "world_size": world, "n_train": len(train), "n_dev": len(dev)}
+            "world_size": world, "n_train": len(train), "n_dev": len(dev), "device": runtime.device.type,
+            "precision": runtime.precision}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -280,8 +288,10 @@ def make_teacher(cfg: C.Config, spec: TeacherSpec, storage: Storage, *, inputs: 
 
     # 1. Prototype scores, on the driver (see ensure_teacher).
     if not storage.is_file(*prototype_parts(spec.key)):
+        # on the driver's CPU (or its GPU), in the precision resolved for it
         ids, scores = pool_prototype_scores(cfg, splits, driver.encoder, driver.tokenizer, spec.kind, spec.target,
-                                            spec.rate, spec.seed)
+                                            spec.rate, spec.seed, runtime_for(cfg.compute.precision))
+        driver.encoder.cpu()
         write_prototype_scores(storage, spec.key, ids, scores)
         say({"teacher": spec.key, "event": "prototype_scores", "rows": len(ids)})
     t1 = time.time()
@@ -318,6 +328,8 @@ def make_teacher(cfg: C.Config, spec: TeacherSpec, storage: Storage, *, inputs: 
         "best_dev": state["best_dev"], "best_epoch": state["best_epoch"], "test_accuracy": test_acc,
         "fingerprint": digest, "resumed_at_epoch": ret.get("start_epoch", 0),
         "ray": {"train_workers": workers, "cpus_per_worker": cfg.ray.cpus_per_worker, "use_gpu": cfg.ray.use_gpu},
+        "compute": {"precision": ret.get("precision", spec.precision), "device": ret.get("device", "cpu"),
+                    "group_by_length": cfg.compute.group_by_length},
         # Wall seconds of this call's steps (a resumed run counts only what it ran). CPU-seconds = wall x CPUs
         # reserved: train_workers x cpus_per_worker for the Ray run (1 in local mode); 1 for the driver's
         # prototype and export steps. A reservation, not measured utilisation.

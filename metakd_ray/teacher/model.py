@@ -22,6 +22,7 @@ from metakd_ray import losses
 from metakd_ray.cell import eval_loader, tokenize_splits, training_pool
 from metakd_ray.config import ModelConfig, TeacherConfig
 from metakd_ray.models import ClassifierTeacher, MetaTeacher, MTLTeacher
+from metakd_ray.runtime import CPU_FP32, Runtime
 from metakd_ray.training import (Checkpointer, StageConfig, StageResult, accuracy_by_domain, model_inputs,
                                  train_stage)
 
@@ -31,16 +32,25 @@ from metakd_ray.training import (Checkpointer, StageConfig, StageResult, accurac
 
 
 @torch.no_grad()
-def pooled_features(encoder: nn.Module, loader: Iterable[dict], pooling: str = "mean") -> torch.Tensor:
-    """h(x) for every example of ``loader``, in loader order: (n, d), from a frozen encoder in eval mode."""
+def pooled_features(encoder: nn.Module, loader: Iterable[dict], pooling: str = "mean", *,
+                    runtime: Runtime = CPU_FP32) -> torch.Tensor:
+    """h(x) for every example of ``loader``: (n, d) float32 on the CPU, from a frozen encoder in eval mode (on
+    ``runtime``'s device, in its precision). Rows are in dataset order when the loader's ``sampler`` is a list of
+    row indices (``cell.eval_loader``, which runs rows longest first), else in loader order."""
     was_training = encoder.training
     encoder.eval()
     out = []
     for batch in loader:
-        hidden = encoder(**model_inputs(batch)).last_hidden_state  # (b, t, d)
-        out.append(losses.pooled_representation(hidden, batch["attention_mask"], pooling))
+        batch = runtime.to_device(batch)
+        with runtime.autocast():
+            hidden = encoder(**model_inputs(batch)).last_hidden_state  # (b, t, d)
+        out.append(losses.pooled_representation(hidden, batch["attention_mask"], pooling).cpu())
     encoder.train(was_training)
-    return torch.cat(out)
+    feats = torch.cat(out)
+    order = getattr(loader, "sampler", None)
+    if isinstance(order, list):
+        feats[torch.tensor(order)] = feats.clone()
+    return feats
 
 
 def compute_prototype_scores(
@@ -73,7 +83,8 @@ def compute_prototype_scores(
 
 
 def pool_prototype_scores(cfg: C.Config, splits: D.Splits, encoder: nn.Module, tokenizer: Any, kind: str,
-                          target: str | None, rate: float, seed: int) -> tuple[list[str], torch.Tensor]:
+                          target: str | None, rate: float, seed: int,
+                          runtime: Runtime = CPU_FP32) -> tuple[list[str], torch.Tensor]:
     """(ids, prototype scores (n,)) of the training pool of (``target``, ``rate``, ``seed``), from the frozen
     pre-trained ``encoder``. With ``teacher.exclude_target`` (and a teacher kind other than ``single``), the
     target's prototypes are left out for the other domains' rows (see ``compute_prototype_scores``)."""
@@ -81,7 +92,8 @@ def pool_prototype_scores(cfg: C.Config, splits: D.Splits, encoder: nn.Module, t
     domains = splits.domains
     excluded = domains.index(target) if cfg.teacher.exclude_target and kind not in ("single", "none") and target \
         else None
-    feats = pooled_features(encoder, eval_loader(pool, D.collator(tokenizer)), cfg.model.pooling)
+    feats = pooled_features(encoder.to(runtime.device), eval_loader(pool, D.collator(tokenizer)), cfg.model.pooling,
+                            runtime=runtime)
     labels = torch.tensor(D.column(pool, "label"))
     domain_ids = torch.tensor(D.column(pool, "domain_id"))
     scores = compute_prototype_scores(feats, labels, domain_ids, len(domains), splits.num_labels, cfg.teacher,
@@ -139,6 +151,7 @@ def train_teacher(
     checkpointer: Checkpointer | None = None,
     log: Callable[[dict], None] | None = None,
     set_epoch: Callable[[int], None] | None = None,
+    runtime: Runtime = CPU_FP32,
 ) -> StageResult:
     """Train a teacher of ``kind`` with the reference recipe (AdamW, linear warmup/decay, grad-norm clipping),
     keeping the epoch with the best mean dev accuracy over the dev loader's domains. Resumable through
@@ -153,10 +166,11 @@ def train_teacher(
         lambda batch, gen: teacher_loss(kind, model, batch, tcfg, num_domains, gen),
         train_loader,
         stage,
-        evaluate=lambda: accuracy_by_domain(model, dev_loader, domain_names, teacher_logits),
+        evaluate=lambda: accuracy_by_domain(model, dev_loader, domain_names, teacher_logits, runtime=runtime),
         seed=seed,
         checkpointer=checkpointer,
         log=log,
         set_epoch=set_epoch,
         extra_state={"teacher_config": dataclasses.asdict(tcfg), "kind": kind},
+        runtime=runtime,
     )
