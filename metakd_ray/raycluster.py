@@ -69,3 +69,75 @@ def running_cluster(temp_dir: str = "/tmp/ray") -> str | None:
             return f"{host}:{port}"
     except (OSError, ValueError):
         return None
+
+
+class UnsatisfiableResources(ValueError):
+    """A stage asks for more than any node of the cluster has, and no autoscaler could add such a node."""
+
+
+def stage_requests(cfg: C.Config) -> dict[str, dict[str, float]]:
+    """What one worker of each stage asks Ray for: ``{setting: {"CPU": n, "GPU": g}}``, keyed by the config
+    settings that size it."""
+    r = cfg.ray
+    out = {"ray.trial_cpus / ray.trial_gpus": {"CPU": r.trial_cpus, "GPU": r.gpus("trial")},
+           "ray.cpus_per_actor / ray.cache_gpus": {"CPU": r.cpus_per_actor, "GPU": r.gpus("cache")}}
+    if r.train_workers > 0:
+        out["ray.cpus_per_worker / ray.use_gpu"] = {"CPU": r.cpus_per_worker, "GPU": r.gpus("teacher")}
+    return out
+
+
+def node_shapes() -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
+    """(the resources of each alive node, those of each node type an autoscaler may add — None when the cluster has
+    no autoscaler). The node types come from the cluster config the autoscaler publishes in the GCS (what Ray Train
+    reads to decide whether a worker group can ever be placed)."""
+    import ray
+
+    alive = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # an older or newer Ray without this call: assume an autoscaler may help
+        return alive, [{"CPU": float("inf"), "GPU": float("inf")}]
+    if config is None:
+        return alive, None
+    types = [dict(g.resources) for g in config.node_group_configs if g.max_count != 0]
+    return alive, types
+
+
+def check_resources(cfg: C.Config) -> None:
+    """Fail before any work when a stage's worker cannot be placed on any node this cluster has or (with an
+    autoscaler) could add: one line with the numbers. Call with Ray connected."""
+    alive, types = node_shapes()
+    shapes = alive + (types or [])
+
+    def fits(req: dict[str, float], shape: dict[str, float]) -> bool:
+        return all(shape.get(k, 0.0) >= v - 1e-9 for k, v in req.items() if v > 0)
+
+    for setting, req in stage_requests(cfg).items():
+        if any(fits(req, s) for s in shapes):
+            continue
+        want = " and ".join(f"{v:g} {k}" for k, v in req.items() if v > 0)
+        biggest = max(alive, key=lambda s: (s.get("GPU", 0.0), s.get("CPU", 0.0)), default={})
+        cluster = (f"{len(alive)} node{'s' if len(alive) != 1 else ''}, "
+                   f"{sum(s.get('CPU', 0.0) for s in alive):g} CPUs and {sum(s.get('GPU', 0.0) for s in alive):g} "
+                   f"GPUs in all; the largest node has {biggest.get('CPU', 0.0):g} CPUs and "
+                   f"{biggest.get('GPU', 0.0):g} GPUs")
+        scaler = ("no autoscaler" if types is None else
+                  "an autoscaler whose node types offer at most "
+                  + ", ".join(f"{t.get('CPU', 0):g} CPUs/{t.get('GPU', 0):g} GPUs" for t in types))
+        raise UnsatisfiableResources(f"{setting}: a worker needs {want} on one node, which this cluster can never "
+                                     f"give ({cluster}; {scaler}); lower the setting or add such nodes")
+
+
+def probe_gpu_bf16(gpus: float) -> bool:
+    """Whether the cluster's GPUs support bf16, asked of one (a Ray task holding ``gpus`` of a GPU)."""
+    import ray
+
+    @ray.remote(num_gpus=gpus, num_cpus=0)
+    def bf16() -> bool:
+        import torch
+
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
+
+    return bool(ray.get(bf16.remote()))

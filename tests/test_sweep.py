@@ -99,6 +99,22 @@ def test_embedded_sweep_gives_one_row_per_planned_trial(project, embedded):
 
 
 @pytest.mark.timeout(600)
+def test_same_config_same_numbers(project, embedded, tmp_path):
+    """The toy sweep again, from nothing (its own storage root: new teachers, caches, trials) and with the
+    precision it resolves to here: every trial's dev and test accuracy is identical."""
+    assert embedded.returncode == 0
+    r = run_sweep(project / "sweep.yaml", "name=embedded", f"storage.root={tmp_path / 'runs'}")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    cols = ["cell", "slot", "dev_acc", "test_acc"]
+
+    def numbers(d: Path) -> list:
+        return load_results(d)[cols].sort_values(["cell", "slot"]).values.tolist()
+
+    again = numbers(tmp_path / "runs" / "sweeps" / "embedded")
+    assert again == numbers(sweep_dir(project, "embedded")) and len(again) == 4
+
+
+@pytest.mark.timeout(600)
 def test_rerun_with_changed_config_is_refused(project, embedded):
     assert embedded.returncode == 0
     r = run_sweep(project / "sweep.yaml", "name=embedded", "distill.stage2_epochs=5", timeout=120)

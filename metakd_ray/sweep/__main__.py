@@ -41,11 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         p = make_plan(cfg, domain_sizes(cfg))
         print(json.dumps(p.to_json(), default=str) if args.json else format_plan(p))
         return 0
+    from metakd_ray.raycluster import UnsatisfiableResources
     from metakd_ray.sweep.run import SweepConflict, run
 
     try:
         return run(cfg)
-    except SweepConflict as e:
+    except (SweepConflict, UnsatisfiableResources) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from metakd_ray import config as C
 from metakd_ray.storage import Storage
-from metakd_ray.sweep.plan import PLAN_FILE, Cell, Plan, make_plan, plan_waves
+from metakd_ray.sweep.plan import PLAN_FILE, Cell, Plan, format_compute, make_plan, plan_waves
 from metakd_ray.sweep.records import TrialStore, error_line, trial_key
 
 METRIC, MODE = "dev_acc", "max"
@@ -18,20 +18,27 @@ class SweepConflict(ValueError):
     """A sweep of this name exists under the storage root with a different configuration."""
 
 
+def trial_resources(cfg: C.Config) -> dict[str, float]:
+    """What one trial holds: ``ray.trial_cpus`` CPUs and, with ``ray.use_gpu``, ``ray.trial_gpus`` of a GPU (a
+    fraction shares a GPU between trials; its GPU-seconds count that fraction)."""
+    out = {"cpu": cfg.ray.trial_cpus}
+    if cfg.ray.gpus("trial"):
+        out["gpu"] = cfg.ray.gpus("trial")
+    return out
+
+
 def run_trials(cfg: C.Config, cells: list[Cell], storage: Storage, experiment: str = "tune") -> Any:
     """The Tune stage of ``cells``: one experiment ``sweeps/<name>/<experiment>``, restored when it exists (finished
     trials are kept, unfinished ones resume from their last epoch, failed ones stay failed). Trials that Tune saw
     fail without their own error record (a worker killed, say) get one from Tune's public result."""
     from ray import tune
 
+    from metakd_ray.runtime import stage_precision
     from metakd_ray.sweep.progress import EtaCallback
     from metakd_ray.sweep.search import GridOfStudiesSearcher
     from metakd_ray.sweep.trial import run_trial
 
-    resources: dict[str, float] = {"cpu": cfg.ray.trial_cpus}
-    if cfg.ray.gpus("trial"):
-        resources["gpu"] = cfg.ray.gpus("trial")  # a fraction shares a GPU between trials
-    trainable = tune.with_resources(run_trial, resources)
+    trainable = tune.with_resources(run_trial, trial_resources(cfg))
     exp_root = storage.uri("sweeps", cfg.name)
     exp_path = storage.uri("sweeps", cfg.name, experiment)
     total = len(cells) * cfg.sweep.trials_per_cell
@@ -46,7 +53,8 @@ def run_trials(cfg: C.Config, cells: list[Cell], storage: Storage, experiment: s
                                          gamma2_is_axis=bool(cfg.sweep.gamma2), seed=cfg.seed)
         tuner = tune.Tuner(
             trainable,
-            param_space={"storage_root": storage.uri(), "sweep": cfg.name, "experiment": experiment},
+            param_space={"storage_root": storage.uri(), "sweep": cfg.name, "experiment": experiment,
+                         "precision": stage_precision(cfg, "trial")},
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, num_samples=total,
                                         max_concurrent_trials=cfg.ray.max_concurrent_trials or None,
                                         reuse_actors=True, trial_dirname_creator=lambda t: t.trial_id),
@@ -123,17 +131,20 @@ def run(cfg: C.Config) -> int:
     by the first run (``plan.json``); a rerun skips the waves that finished."""
     import datasets
 
-    from metakd_ray.raycluster import connect_ray
+    from metakd_ray.raycluster import check_resources, connect_ray
     from metakd_ray.sweep.stages import build_caches, build_teachers, cache_budget, cache_groups
 
     cfg = absolute_paths(cfg)
     datasets.disable_progress_bars()
     storage = Storage(cfg.storage.root)
     sweep = ("sweeps", cfg.name)
-    p = make_plan(cfg)
     check_same_sweep(cfg, storage)
-    storage.write_bytes(C.to_yaml(cfg).encode(), *sweep, "config.yaml")
     connect_ray(cfg)
+    check_resources(cfg)  # before any work: a request no node can ever hold fails here, with the numbers
+    resolve_gpu_precision(cfg)
+    p = make_plan(cfg)
+    print(f"[sweep] precision: {format_compute(p.compute)}", flush=True)
+    storage.write_bytes(C.to_yaml(cfg).encode(), *sweep, "config.yaml")
     costs = build_teachers(cfg, p, storage)
     groups = cache_groups(cfg, p.cells, storage)
     budget = cache_budget(cfg)
@@ -171,6 +182,22 @@ def run(cfg: C.Config) -> int:
     if dropped:
         print(f"[sweep] removed {len(dropped)} training states of failed or superseded trials", flush=True)
     return report(storage.uri(*sweep))
+
+
+def resolve_gpu_precision(cfg: C.Config) -> None:
+    """``compute.precision=auto`` with GPU stages and no GPU in this process: ask one of the cluster's GPUs whether it
+    has bf16 and record the answer in ``$METAKD_GPU_BF16`` (``runtime.cuda_has_bf16``), so that every stage's
+    precision — part of the teachers' and caches' identities — is known before the plan is made."""
+    from metakd_ray import runtime
+
+    gpus = [cfg.ray.gpus(s) for s in runtime.STAGES if cfg.ray.gpus(s) > 0]
+    if not gpus or cfg.compute.precision != "auto" or runtime.cuda_has_bf16() is not None:
+        return
+    from metakd_ray.raycluster import probe_gpu_bf16
+
+    bf16 = probe_gpu_bf16(min(min(gpus), 1.0))
+    os.environ[runtime.GPU_BF16_ENV] = "1" if bf16 else "0"
+    print(f"[sweep] the cluster's GPUs {'support' if bf16 else 'do not support'} bf16", flush=True)
 
 
 def report(sweep_dir: str) -> int:
