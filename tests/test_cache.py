@@ -326,7 +326,11 @@ def test_one_job_per_teacher_class_builds_several_caches(setup, tmp_path):
         torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-6)
         for g, x, y in zip(GMAP, a.hidden_states, b.hidden_states):
             _close(x[mask], y[mask], f"hidden state {g}")
-        unload(ref.fingerprint)
+    # a process (a reused trial actor) keeps only the cache it read last, not every one it ever read
+    from metakd_ray.cache import reader
+
+    assert list(reader._LOADED) == [refs[-1].fingerprint] and len(reader._PARTS) == 1
+    unload()
     # all three found again: no job
     with counted_jobs() as ray_jobs:
         again = K.ensure_caches(s.cfg, jobs, rows_per_block=8)

@@ -78,7 +78,7 @@ def test_default_teacher_loads_offline_with_all_outputs(minilm):
     assert default_teacher_path().is_dir() and resolve_model("default") == str(default_teacher_path())
     c = encoder.config
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads) == (6, 384, 12)
-    assert encoder.config._attn_implementation == "eager" and encoder.pooler is None
+    assert encoder.config._attn_implementation == "sdpa" and encoder.pooler is None
     enc = tokenizer(["a fine book", "the worst kettle I ever bought, it leaks"], padding=True, return_tensors="pt")
     t = enc["input_ids"].shape[1]
     with torch.no_grad():
@@ -90,9 +90,13 @@ def test_default_teacher_loads_offline_with_all_outputs(minilm):
 
 
 def _check_scores_match_attentions(encoder, input_ids, attention_mask):
+    import copy
+
+    eager = copy.deepcopy(encoder)  # our encoders run sdpa, which returns no attention maps: HF's eager ones are the
+    eager.set_attn_implementation("eager")  # reference
     with torch.no_grad():
         ours = encode(encoder, input_ids, attention_mask)
-        hf = encoder(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)
+        hf = eager(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True)
     additive = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min  # (b, 1, 1, t)
     assert len(ours.attention_scores) == len(hf.attentions)
     for scores, probs in zip(ours.attention_scores, hf.attentions):
@@ -186,7 +190,7 @@ def test_random_encoders_tiny_and_paper_shapes():
     enc = tiny()
     c = enc.config
     assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size,
-            c.max_position_embeddings, c._attn_implementation) == (99, 32, 2, 4, 37, 64, "eager")
+            c.max_position_embeddings, c._attn_implementation) == (99, 32, 2, 4, 37, 64, "sdpa")
     assert_same_module(random_encoder(seed=3), random_encoder(seed=3))  # seeded
     out = encode(enc, *batch()[:2])
     assert out.last_hidden.shape == (B, T, 32) and out.attention_scores[1].shape == (B, 4, T, T)
@@ -224,7 +228,7 @@ def test_build_student_dispatches_on_source(minilm, tmp_path):
     tokenizer.save_pretrained(tmp_path / "small")
     s = build_student(ModelConfig(student=StudentConfig(source="pretrained", path=str(tmp_path / "small"))),
                       teacher, tokenizer)
-    assert s.config.hidden_size == 24 and s.config._attn_implementation == "eager"
+    assert s.config.hidden_size == 24 and s.config._attn_implementation == "sdpa"
 
 
 def test_load_errors_name_the_model(tmp_path):

@@ -68,8 +68,8 @@ class TeacherPass:
         root, parts = self.teachers[i]
         with Storage(root).local_copy(*parts) as d:
             self.model = load_task_model(d).eval().to(self.runtime.device)
-        # No attention maps are read here (scores are rebuilt from stored layer inputs, or Q/K are hooked), so the
-        # fused kernel can replace the eager attention the training code needs.
+        # No attention maps are read here (scores are rebuilt from stored layer inputs, or Q/K are hooked): the
+        # fused kernel, as everywhere (teachers saved by older versions may ask for eager).
         if hasattr(self.model.encoder, "set_attn_implementation"):
             self.model.encoder.set_attn_implementation("sdpa")
         self.loaded = i

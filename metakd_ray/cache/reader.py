@@ -12,7 +12,8 @@ Differences from a live teacher, all by design: positions that are padding hold 
 ``distill.teacher_dropout``); values agree within float16 rounding of the cached states.
 
 The whole cache is loaded into memory once per process (``load_cache``; caches are per target-domain split, at
-most ~0.7 GB in float16) with every file's sha256 checked as it is read, so a reader never uses altered bytes.
+most ~0.7 GB in float16; a process keeps only the cache it read last, ``KEEP_LOADED``) with every file's sha256
+checked as it is read, so a reader never uses altered bytes.
 """
 
 from __future__ import annotations
@@ -54,7 +55,16 @@ class LoadedCache:
         return sum(a.nbytes for a in arrays)
 
 
+# Caches (and teacher parts) kept in this process: the most recent only. A reused Tune actor runs many trials in
+# turn; keeping every cache it ever read would grow it by up to ~0.7 GB per cache (benchmarks/memory.py).
+KEEP_LOADED = 1
 _LOADED: dict[str, LoadedCache] = {}
+
+
+def _keep_recent(store: dict, keep: int) -> None:
+    """Drop the oldest entries of an insertion-ordered dict so that ``keep`` remain."""
+    while len(store) > keep:
+        store.pop(next(iter(store)))
 
 
 def _matrix_column(name: str, col: pa.ChunkedArray, n_tokens: np.ndarray, width: int, precision: str) -> np.ndarray:
@@ -75,7 +85,9 @@ def load_cache(ref: CacheRef, verify: bool = True) -> LoadedCache:
     """The cache ``ref`` in memory (once per process; later calls return the same object). ``verify`` checks each
     file's sha256 against the manifest as it is read."""
     if ref.fingerprint in _LOADED:
+        _LOADED[ref.fingerprint] = _LOADED.pop(ref.fingerprint)  # now the most recent
         return _LOADED[ref.fingerprint]
+    _keep_recent(_LOADED, KEEP_LOADED - 1)  # room first: never two big caches at once
     m, storage = ref.manifest, ref.storage()
     tables = []
     for entry in m["files"]:
@@ -162,6 +174,7 @@ class CachedTeacher:
                                                                                tuple(m["teacher"]["parts"]))
         key = (ref.fingerprint, loc)
         if key not in _PARTS:
+            _keep_recent(_PARTS, KEEP_LOADED - 1)
             if verify and teacher_fingerprint(loc)["weights"] != m["key"]["teacher_weights"]:
                 raise CacheError(f"the teacher at {loc.describe()} is not the one the cache {ref.fingerprint} "
                                  "was built from (weights differ)")

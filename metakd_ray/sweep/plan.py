@@ -11,14 +11,40 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Mapping, Sequence
 
-# Rough CPU-seconds per example on this project's 2-CPU machines (MiniLM-L6 teacher, 3-layer student, 128 tokens),
-# measured with benchmarks/student_depth.py and the smoke runs; a GPU node is roughly 50x faster. For the plan's
-# estimate only.
-SECONDS_PER_EXAMPLE = {"teacher_epoch": 0.16, "cache": 0.03, "student_epoch": 0.06}
+# Only when ``calibration.json`` is missing: the rough per-example seconds used before it existed (fp32, any padding;
+# benchmarks/student_depth.py and the smoke runs).
+FALLBACK_SECONDS_PER_EXAMPLE = {"teacher_epoch": 0.16, "cache": 0.03, "student_epoch": 0.06}
+CALIBRATION_FILE = "calibration.json"
 PLAN_FILE = "plan.json"
+
+
+def calibration() -> dict:
+    """The per-example seconds of the cost estimate: ``metakd_ray/sweep/calibration.json``, written by
+    ``python benchmarks/precision.py`` (wall seconds of a 2-CPU machine per example and epoch, MiniLM-L6 teacher,
+    3-layer student, max_length 128, batch 32; per precision, for grouped (``seconds_per_example``) and random
+    (``seconds_per_example_random``) batches). Without the file: :data:`FALLBACK_SECONDS_PER_EXAMPLE` for every
+    precision, with a note in ``source``."""
+    try:
+        text = resources.files("metakd_ray.sweep").joinpath(CALIBRATION_FILE).read_text()
+    except (FileNotFoundError, OSError):
+        table = {"fp32": dict(FALLBACK_SECONDS_PER_EXAMPLE)}
+        return {"source": "built-in rough constants (no calibration.json: run python benchmarks/precision.py)",
+                "measured": None, "seconds_per_example": table, "seconds_per_example_random": table}
+    return json.loads(text)
+
+
+def _per_example(cal: Mapping[str, Any], compute: str | None, grouped: bool) -> dict[str, float]:
+    """The calibration's figures for a stage computing as ``compute`` (``"bf16 on cpu"``; ``auto``, i.e. a GPU's
+    bf16 or fp16, and fp16 take the bf16 figures; fp32 the fp32 ones) with grouped or random batches."""
+    tables = cal.get("seconds_per_example" if grouped else "seconds_per_example_random") or cal["seconds_per_example"]
+    precision = (compute or "fp32").split()[0]
+    precision = "fp32" if precision == "fp32" else "bf16"
+    return tables.get(precision) or tables["fp32"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +105,8 @@ class Plan:
     cells: tuple[Cell, ...]
     teachers: tuple[dict, ...] = ()  # {key, kind, domains, rate, seed} per distinct teacher, for display
     waves: tuple[Wave, ...] = ()
-    estimate: dict | None = None  # CPU-seconds per stage at 2-CPU speed (see SECONDS_PER_EXAMPLE)
+    estimate: dict | None = None  # CPU-seconds per stage at 2-CPU speed (see calibration())
+    compute: dict | None = None  # per stage (teacher, cache, trial): "<precision> on <device type>"
 
     @property
     def trials(self) -> int:
@@ -103,14 +130,15 @@ class Plan:
         return {"name": self.name, "trials_per_cell": self.trials_per_cell, "trials": self.trials,
                 "cells": [c.to_json() for c in self.cells], "teachers": [dict(t) for t in self.teachers],
                 "caches": self.caches, "waves": [dataclasses.asdict(w) for w in self.waves],
-                "estimate": self.estimate}
+                "estimate": self.estimate, "compute": self.compute}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Plan:
         waves = tuple(Wave(str(w["experiment"]), tuple(w["cells"]), bool(w.get("done"))) for w in d.get("waves") or ())
         return cls(name=str(d.get("name", "")), trials_per_cell=int(d.get("trials_per_cell") or 0),
                    cells=tuple(Cell.from_json(c) for c in d.get("cells") or ()),
-                   teachers=tuple(d.get("teachers") or ()), waves=waves, estimate=d.get("estimate"))
+                   teachers=tuple(d.get("teachers") or ()), waves=waves, estimate=d.get("estimate"),
+                   compute=d.get("compute"))
 
 
 def plan_cells(cfg: Any) -> tuple[Cell, ...]:
@@ -130,6 +158,7 @@ def make_plan(cfg: Any, domain_sizes: Mapping[str, int] | None = None) -> Plan:
     """The plan of ``cfg``: its cells with their teachers' keys, the distinct teachers, and — given the training
     examples per domain — an estimated cost in CPU-seconds at this machine's speed. Waves come later
     (:func:`plan_waves`, once the caches' sizes are known)."""
+    from metakd_ray.runtime import stage_precisions
     from metakd_ray.teacher.artefact import teacher_spec  # the teachers' identity (imports the data layer)
 
     cells, teachers = [], {}
@@ -141,23 +170,41 @@ def make_plan(cfg: Any, domain_sizes: Mapping[str, int] | None = None) -> Plan:
         cells.append(c)
     shown = tuple({"key": k, "kind": s.kind, "domains": list(s.domains), "rate": s.rate, "seed": s.seed}
                   for k, s in teachers.items())
-    p = Plan(cfg.name, cfg.sweep.trials_per_cell, tuple(cells), shown)
+    p = Plan(cfg.name, cfg.sweep.trials_per_cell, tuple(cells), shown, compute=stage_precisions(cfg))
     if domain_sizes:
         p = dataclasses.replace(p, estimate=estimate_cost(cfg, p, domain_sizes))
     return p
 
 
-def estimate_cost(cfg: Any, p: Plan, domain_sizes: Mapping[str, int]) -> dict[str, int]:
+def estimate_cost(cfg: Any, p: Plan, domain_sizes: Mapping[str, int]) -> dict[str, Any]:
+    """Seconds of a 2-CPU machine per stage (the plan's "CPU-seconds at 2-CPU speed"): examples x epochs x the
+    :func:`calibration` figures of the precision each stage computes in (``p.compute``) and of grouped or random
+    batches (``compute.group_by_length``). A student trial: stage-1 epochs at the stage-1 figure and stage-2 epochs
+    at the stage-2 figure (``distill.stages: one``: stage-1 epochs only; ``finetune``: stage-2 epochs only)."""
+    cal = calibration()
+    grouped = bool(cfg.compute.group_by_length)
+    compute = p.compute or {}
+    sec = {stage: _per_example(cal, compute.get(stage), grouped) for stage in ("teacher", "cache", "trial")}
     n = domain_sizes
     t_cost = sum(sum(n[d] for d in t["domains"]) * t["rate"] * cfg.teacher.epochs for t in p.teachers)
     c_cost = sum(n[c["domain"]] * c["rate"] for c in p.caches)
-    epochs = cfg.distill.stage1_epochs + cfg.distill.stage2_epochs
-    s_cost = sum(n[c.domain] * c.rate * epochs for c in p.cells) * p.trials_per_cell
-    t_cost *= SECONDS_PER_EXAMPLE["teacher_epoch"]
-    c_cost *= SECONDS_PER_EXAMPLE["cache"]
-    s_cost *= SECONDS_PER_EXAMPLE["student_epoch"]
+    s = sec["trial"]
+    s1, s2 = s.get("student_stage1_epoch", s["student_epoch"]), s.get("student_stage2_epoch", s["student_epoch"])
+    d = cfg.distill
+
+    def per_example(c: Cell) -> float:  # seconds per training example of one trial of cell c
+        if c.student_method == "finetune":
+            return d.stage2_epochs * s2
+        if d.stages == "one":
+            return d.stage1_epochs * s1
+        return d.stage1_epochs * s1 + d.stage2_epochs * s2
+
+    s_cost = sum(n[c.domain] * c.rate * per_example(c) for c in p.cells) * p.trials_per_cell
+    t_cost *= sec["teacher"]["teacher_epoch"]
+    c_cost *= sec["cache"]["cache"]
     return {"teacher_cpu_s": round(t_cost), "cache_cpu_s": round(c_cost), "trial_cpu_s": round(s_cost),
-            "total_cpu_s": round(t_cost + c_cost + s_cost)}
+            "total_cpu_s": round(t_cost + c_cost + s_cost),
+            "calibration": f"{cal.get('source')}, measured {cal.get('measured') or 'never'}"}
 
 
 def experiment_name(wave: int) -> str:
@@ -184,16 +231,26 @@ def plan_waves(cells: Sequence[Cell], cache_bytes: Mapping[tuple, int], budget: 
     return tuple(Wave(experiment_name(n), tuple(w)) for n, w in enumerate(waves, 1))
 
 
+def format_compute(compute: Mapping[str, str] | None) -> str:
+    """``teacher bf16 on cpu, cache bf16 on cpu, trial bf16 on cpu`` (``auto`` where a GPU must say)."""
+    if not compute:
+        return "unknown"
+    text = ", ".join(f"{stage} {how}" for stage, how in compute.items())
+    return text + (" (auto: resolved on a GPU of the cluster when the sweep runs)" if "auto on" in text else "")
+
+
 def format_plan(p: Plan) -> str:
     lines = [f"sweep {p.name}: {len(p.cells)} cells x {p.trials_per_cell} trials = {p.trials} trials; "
              f"{len(p.teachers)} teachers, {len(p.caches)} caches"]
     lines += [f"  teacher {t['key']}: {t['kind']} on {', '.join(t['domains'])}, rate {t['rate']:g}, seed {t['seed']}"
               for t in p.teachers]
     lines += [f"  cell {c.id}" for c in p.cells]
+    if p.compute:
+        lines.append(f"precision: {format_compute(p.compute)}")
     if p.estimate:
         e = p.estimate
         lines.append(f"estimated cost: {e['total_cpu_s'] / 3600:.2f} CPU-hours at 2-CPU speed (teachers "
                      f"{e['teacher_cpu_s'] / 3600:.1f}, caches {e['cache_cpu_s'] / 3600:.1f}, trials "
-                     f"{e['trial_cpu_s'] / 3600:.1f})")
+                     f"{e['trial_cpu_s'] / 3600:.1f}; calibration: {e.get('calibration', 'unknown')})")
     return "\n".join(lines)
 

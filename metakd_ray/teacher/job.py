@@ -307,7 +307,10 @@ def make_teacher(cfg: C.Config, spec: TeacherSpec, storage: Storage, *, inputs: 
     model.eval()
     test = cell.filter_domains(cell.tokenize_splits(cfg, driver.tokenizer, test=splits["test"])["test"],
                                spec.domains, domains)
-    test_acc = accuracy_by_domain(model, cell.eval_loader(test, collate), domains, teacher_logits)
+    here = runtime_for(cfg.compute.precision)  # the driver's device, the precision resolved for it
+    model.to(here.device)
+    test_acc = accuracy_by_domain(model, cell.eval_loader(test, collate), domains, teacher_logits, runtime=here)
+    model.cpu()
     with tempfile.TemporaryDirectory(prefix="metakd-teacher-") as tmp:
         model.save_pretrained(tmp, driver.tokenizer)
         storage.upload_dir(tmp, TEACHERS, spec.key, MODEL_DIR)

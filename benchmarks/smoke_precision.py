@@ -1,0 +1,90 @@
+"""The smoke sweep end to end in fp32 and in the resolved ``auto`` precision: the same command, one run each, each
+from nothing (its own storage root), wall and CPU seconds per stage.
+
+    python benchmarks/smoke_precision.py [--order fp32,auto] [overrides ...]
+
+Runs ``python -m metakd_ray.sweep sweeps/smoke.yaml ray.address=local ray.num_cpus=2 storage.root=<tmp>/<p>
+compute.precision=<p>`` for p in fp32 and auto, one after the other, and reads each sweep's own accounting
+(``metakd_ray.results.load_results``: the teachers' and caches' wall and CPU seconds from their manifests, each
+trial's own wall and CPU seconds) plus the command's wall time (Ray start-up and report included). Prints a table per
+stage, the accuracies of both runs, and the speed-up of the whole command (target >= 1.5x); writes
+benchmarks/results/smoke_precision.json. About 10 minutes on 2 CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _env import REPO
+
+
+def run(precision: str, root: Path, extra: list[str]) -> dict:
+    from metakd_ray.results import cells, load_results
+
+    cmd = [sys.executable, "-m", "metakd_ray.sweep", "sweeps/smoke.yaml", "ray.address=local", "ray.num_cpus=2",
+           f"storage.root={root}", f"compute.precision={precision}", *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n")
+        raise SystemExit(f"the {precision} sweep failed (exit {proc.returncode})")
+    df = load_results(root / "sweeps" / "smoke")
+    costs = json.loads((root / "sweeps" / "smoke" / "costs.json").read_text())
+    teachers = list(costs["teachers"].values())
+    caches = list(costs["caches"].values())
+    plan = json.loads((root / "sweeps" / "smoke" / "plan.json").read_text())
+    stages = {
+        "teachers": {"wall_s": sum(t["wall_s"] for t in teachers), "cpu_s": sum(t["cpu_s"] for t in teachers)},
+        "caches": {"wall_s": sum(c["wall_s"] for c in caches), "cpu_s": sum(c["cpu_s"] for c in caches)},
+        "trials": {"wall_s": float(df["wall_s"].sum()), "cpu_s": float(df["cpu_s"].sum())},
+    }
+    c = cells(df)
+    return {"command": " ".join(cmd[1:]), "wall_s": wall, "stages": stages, "compute": plan.get("compute"),
+            "test_acc": dict(zip(c["cell"], c["test_acc"].round(4))), "dev_acc": dict(zip(c["cell"], c["dev_acc"]
+                                                                                       .round(4)))}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--order", default="fp32,auto")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="smoke-precision-"))
+    runs = {}
+    for p in args.order.split(","):
+        runs[p] = run(p, work / p, args.overrides)
+        print(f"{p}: {runs[p]['wall_s']:.0f} s ({runs[p]['compute']})", flush=True)
+    a, b = runs["fp32"], runs["auto"]
+    print(f"\n{'stage':<10} {'fp32 wall':>10} {'auto wall':>10} {'speedup':>8} {'fp32 cpu':>10} {'auto cpu':>10}")
+    ratios = {}
+    for s in ("teachers", "caches", "trials"):
+        fa, fb = a["stages"][s], b["stages"][s]
+        ratios[s] = fa["wall_s"] / fb["wall_s"] if fb["wall_s"] else float("nan")
+        print(f"{s:<10} {fa['wall_s']:>10.1f} {fb['wall_s']:>10.1f} {ratios[s]:>7.2f}x {fa['cpu_s']:>10.1f} "
+              f"{fb['cpu_s']:>10.1f}")
+    ratios["command"] = a["wall_s"] / b["wall_s"]
+    print(f"{'command':<10} {a['wall_s']:>10.1f} {b['wall_s']:>10.1f} {ratios['command']:>7.2f}x")
+    for p, r in runs.items():
+        print(f"{p} test accuracy: {r['test_acc']}")
+    result = {"runs": runs, "speedup": ratios, "target": 1.5, "meets_target": ratios["command"] >= 1.5,
+              "command": "python benchmarks/smoke_precision.py " + " ".join(sys.argv[1:])}
+    out = REPO / "benchmarks" / "results" / "smoke_precision.json"
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"smoke sweep: {ratios['command']:.2f}x faster end to end in {b['compute']['trial'].split()[0]} "
+          f"(teachers {ratios['teachers']:.2f}x, caches {ratios['caches']:.2f}x, trials {ratios['trials']:.2f}x); "
+          f"target >= 1.5x; wrote {out.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
