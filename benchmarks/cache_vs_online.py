@@ -14,7 +14,10 @@ The cache is built with the Ray Data job (``ensure_cache``, 1 actor). Then, batc
 order), four timings interleaved so that other load on the machine hits all alike: T = the teacher forward alone
 (``LiveTeacher``), S = a student step (loss, backward, AdamW) on that batch's record already in memory, O = a
 student step with the teacher online, C = a student step reading the cache (``CachedTeacher``). Epoch times are the
-sums. ``ideal = (T + S) / S``; ``ratio = O / C``; target ``ratio >= 0.85 * ideal``.
+sums. ``ideal = (T + S) / S``; ``ratio = O / C``; target ``ratio >= 0.85 * ideal``. Every step and teacher forward
+runs under ``--precision`` (default ``auto``: bf16 on a CPU with native bf16), and so does the cache pass; both
+attention layouts (``inputs``: the mapped layers' inputs, scores rebuilt with the teacher's Q/K projections; ``qk``:
+Q and K stored) are built and timed for both shapes.
 
 Budget: the MiniLM tokenizer's real token lengths over all Amazon training reviews give the bytes per example of each
 design option, times the 73,094 examples ``sweeps/scarcity.yaml`` caches; the measured Parquet size of the benchmark
@@ -45,6 +48,7 @@ from metakd_ray.cache import ensure_cache  # noqa: E402
 from metakd_ray.cache.format import design_bytes  # noqa: E402
 from metakd_ray.cache.reader import CachedTeacher, load_cache  # noqa: E402
 from metakd_ray.distill import LiveTeacher, student_loss  # noqa: E402
+from metakd_ray.runtime import CPU_FP32, Runtime, runtime_for  # noqa: E402
 from metakd_ray.storage import Storage  # noqa: E402
 
 SWEEP_EXAMPLES = 2 * 3 * 1.88 * 6480  # 2 teachers x 3 seeds x sum of sample rates x Amazon training examples
@@ -65,7 +69,7 @@ def timed(fn):
 
 
 def run_shape(name: str, teacher, student, tokenizer, gmap, ds, args, cfg, storage, tmp: Path,
-              modes: tuple[str, ...] = ("inputs",)) -> dict:
+              modes: tuple[str, ...] = ("inputs", "qk"), rt: Runtime = CPU_FP32) -> dict:
     """Build the cache (one per attention mode), then the interleaved per-batch timings (min of ``args.repeats``)."""
     from metakd_ray.cache.reader import unload
 
@@ -89,7 +93,8 @@ def run_shape(name: str, teacher, student, tokenizer, gmap, ds, args, cfg, stora
     student.train()
 
     def step(source) -> None:
-        loss = student_loss("meta_kd", "1", student, batch, source, dcfg).total
+        with rt.autocast():
+            loss = student_loss("meta_kd", "layers", student, batch, source, dcfg).total
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -101,7 +106,8 @@ def run_shape(name: str, teacher, student, tokenizer, gmap, ds, args, cfg, stora
     for batch in batches:
         best = {k: float("inf") for k in per}
         for _ in range(args.repeats):
-            rec, t = timed(lambda: live(batch))
+            with rt.autocast():
+                rec, t = timed(lambda: live(batch))
             best["teacher_forward"] = min(best["teacher_forward"], t)
             fixed = lambda b, needs_layers=True, rec=rec: rec  # noqa: E731
             best["student_step"] = min(best["student_step"], timed(lambda: step(fixed))[1])
@@ -163,7 +169,8 @@ def main(argv=None) -> int:
     ap.add_argument("--paper-examples", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=2, help="timings per batch and path; the minimum counts")
+    ap.add_argument("--repeats", type=int, default=3, help="timings per batch and path; the minimum counts")
+    ap.add_argument("--precision", default="auto", help="compute.precision of the steps and the cache pass")
     ap.add_argument("--skip-paper", action="store_true")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cache_vs_online.json"))
     args = ap.parse_args(argv)
@@ -178,7 +185,10 @@ def main(argv=None) -> int:
     ray.data.DataContext.get_current().enable_progress_bars = False
     info = machine()
     t_start = time.perf_counter()
-    cfg = C.from_dict({}, [f"data.max_length={args.max_length}", "ray.cache_actors=1", "ray.cpus_per_actor=1"])
+    rt = runtime_for(args.precision, "cpu")
+    info["precision"] = rt.precision
+    cfg = C.from_dict({}, [f"data.max_length={args.max_length}", "ray.cache_actors=1", "ray.cpus_per_actor=1",
+                           f"compute.precision={rt.precision}"])
     splits = D.load_splits(cfg.data)
     books = splits["train"].filter(lambda d: [x == 0 for x in d], input_columns="domain_id", batched=True)
     enc, tokenizer = M.load_encoder("default", dropout=0.0)
@@ -191,7 +201,8 @@ def main(argv=None) -> int:
         gmap = M.layer_map(3, 6, M.kept_teacher_layers(pretrained))
         student = M.Student(pretrained, 2, teacher_hidden_size=384, teacher_domain_hidden_size=384, num_domains=4,
                             dropout=0.0)
-        results["minilm"] = run_shape("minilm", teacher, student, tokenizer, gmap, ds, args, cfg, storage, Path(tmp))
+        results["minilm"] = run_shape("minilm", teacher, student, tokenizer, gmap, ds, args, cfg, storage, Path(tmp),
+                                      rt=rt)
         del teacher, student, pretrained
         if not args.skip_paper:
             t_enc = M.random_encoder(**M.PAPER_SHAPES["bert-base"], dropout=0.0, seed=0)
@@ -201,7 +212,7 @@ def main(argv=None) -> int:
                                 dropout=0.0)
             ds_p = ds.select(range(min(args.paper_examples, len(ds))))
             results["paper"] = run_shape("paper", teacher, student, tokenizer, M.layer_map(4, 12), ds_p, args, cfg,
-                                         storage, Path(tmp), modes=("inputs", "qk"))
+                                         storage, Path(tmp), rt=rt)
     mini = results["minilm"]
     mm = mini["modes"]["inputs"]
     factor = mm["bytes_per_example_on_disk"] / (mm["bytes_per_example_raw_matrices"] + 800)
@@ -226,6 +237,9 @@ def main(argv=None) -> int:
         for m, v in p["modes"].items():
             print(f"paper shapes, attention={m}: ratio={v['ratio']:.3f} ideal={p['ideal']:.3f} "
                   f"({v['ratio_over_ideal']:.2f} of ideal)")
+    for m, v in mini["modes"].items():
+        print(f"minilm, attention={m}: ratio={v['ratio']:.3f} ideal={mini['ideal']:.3f} "
+              f"({v['ratio_over_ideal']:.2f} of ideal)")
     print(f"ratio={mm['ratio']:.3f} ideal={mini['ideal']:.3f} target={mini['target']:.3f} "
           f"({mm['ratio_over_ideal']:.2f} of ideal; MiniLM-L6 -> 3-layer, {mini['examples']} examples)")
     return 0
