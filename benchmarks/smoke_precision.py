@@ -8,7 +8,9 @@ compute.precision=<p>`` for p in fp32 and auto, one after the other, and reads e
 (``metakd_ray.results.load_results``: the teachers' and caches' wall and CPU seconds from their manifests, each
 trial's own wall and CPU seconds) plus the command's wall time (Ray start-up and report included). Prints a table per
 stage, the accuracies of both runs, and the speed-up of the whole command (target >= 1.5x); writes
-benchmarks/results/smoke_precision.json. About 10 minutes on 2 CPUs.
+benchmarks/results/smoke_precision.json. It also records, per precision, the seconds each teacher run and each trial
+spends beyond the calibrated compute (start-up, loading, evaluation, export) in ``metakd_ray/sweep/calibration.json``,
+where the plan's estimate adds them per run. About 10 minutes on 2 CPUs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from _env import REPO
 
 
@@ -49,9 +52,40 @@ def run(precision: str, root: Path, extra: list[str]) -> dict:
         "trials": {"wall_s": float(df["wall_s"].sum()), "cpu_s": float(df["cpu_s"].sum())},
     }
     c = cells(df)
+    overhead = per_run_overhead(root, df, plan, precision)
     return {"command": " ".join(cmd[1:]), "wall_s": wall, "stages": stages, "compute": plan.get("compute"),
+            "overhead_seconds": overhead,
             "test_acc": dict(zip(c["cell"], c["test_acc"].round(4))), "dev_acc": dict(zip(c["cell"], c["dev_acc"]
                                                                                        .round(4)))}
+
+
+def per_run_overhead(root: Path, df, plan: dict, precision: str) -> dict:
+    """Seconds per teacher run and per trial beyond the calibrated compute (``metakd_ray/sweep/calibration.json``:
+    training examples x epochs x seconds per example): start-up, data and model loading, dev and test evaluation,
+    export, checkpoints. The mean over this sweep's teachers and trials."""
+    cal = json.loads((REPO / "metakd_ray" / "sweep" / "calibration.json").read_text())
+    key = "fp32" if plan["compute"]["teacher"].startswith("fp32") else "bf16"
+    sec = cal["seconds_per_example"][key]
+    cfg = yaml.safe_load((root / "sweeps" / "smoke" / "config.yaml").read_text())
+    teachers = []
+    for m in (json.loads(f.read_text()) for f in root.glob("teachers/*/manifest.json")):
+        compute = m["n_train"] * cfg["teacher"]["epochs"] * sec["teacher_epoch"] + m["n_pool"] * sec["eval"]
+        teachers.append(m["seconds"]["total"] - compute)
+    d = cfg["distill"]
+    trials = [row.wall_s - row.n_train * (d["stage1_epochs"] * sec["student_stage1_epoch"]
+                                          + d["stage2_epochs"] * sec["student_stage2_epoch"])
+              for row in df.itertuples()]
+    return {"teacher_run": round(sum(teachers) / len(teachers), 1), "trial": round(sum(trials) / len(trials), 1)}
+
+
+def write_overheads(runs: dict) -> None:
+    """Record the per-run overheads in the calibration the plan's estimate reads (per precision)."""
+    path = REPO / "metakd_ray" / "sweep" / "calibration.json"
+    cal = json.loads(path.read_text())
+    cal["overhead_seconds"] = {("fp32" if p == "fp32" else "bf16"): r["overhead_seconds"] for p, r in runs.items()}
+    cal["overhead_source"] = ("python benchmarks/smoke_precision.py (the smoke sweep: measured wall seconds per "
+                              "teacher run and per trial minus the calibrated compute)")
+    path.write_text(json.dumps(cal, indent=2) + "\n")
 
 
 def main() -> int:
@@ -78,6 +112,10 @@ def main() -> int:
         print(f"{p} test accuracy: {r['test_acc']}")
     result = {"runs": runs, "speedup": ratios, "target": 1.5, "meets_target": ratios["command"] >= 1.5,
               "command": "python benchmarks/smoke_precision.py " + " ".join(sys.argv[1:])}
+    write_overheads(runs)
+    for p, r in runs.items():
+        print(f"{p} overhead per teacher run {r['overhead_seconds']['teacher_run']:.0f} s, per trial "
+              f"{r['overhead_seconds']['trial']:.0f} s")
     out = REPO / "benchmarks" / "results" / "smoke_precision.json"
     out.write_text(json.dumps(result, indent=2, default=str))
     print(f"smoke sweep: {ratios['command']:.2f}x faster end to end in {b['compute']['trial'].split()[0]} "

@@ -42,9 +42,12 @@ def _per_example(cal: Mapping[str, Any], compute: str | None, grouped: bool) -> 
     """The calibration's figures for a stage computing as ``compute`` (``"bf16 on cpu"``; ``auto``, i.e. a GPU's
     bf16 or fp16, and fp16 take the bf16 figures; fp32 the fp32 ones) with grouped or random batches."""
     tables = cal.get("seconds_per_example" if grouped else "seconds_per_example_random") or cal["seconds_per_example"]
-    precision = (compute or "fp32").split()[0]
-    precision = "fp32" if precision == "fp32" else "bf16"
-    return tables.get(precision) or tables["fp32"]
+    return tables.get(_precision_key(compute)) or tables["fp32"]
+
+
+def _precision_key(compute: str | None) -> str:
+    """The calibration's key for a stage computing as ``compute``: ``fp32``, else ``bf16``."""
+    return "fp32" if (compute or "fp32").split()[0] == "fp32" else "bf16"
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,8 @@ def estimate_cost(cfg: Any, p: Plan, domain_sizes: Mapping[str, int]) -> dict[st
     """Seconds of a 2-CPU machine per stage (the plan's "CPU-seconds at 2-CPU speed"): examples x epochs x the
     :func:`calibration` figures of the precision each stage computes in (``p.compute``) and of grouped or random
     batches (``compute.group_by_length``). A student trial: stage-1 epochs at the stage-1 figure and stage-2 epochs
-    at the stage-2 figure (``distill.stages: one``: stage-1 epochs only; ``finetune``: stage-2 epochs only)."""
+    at the stage-2 figure (``distill.stages: one``: stage-1 epochs only; ``finetune``: stage-2 epochs only). Plus
+    the measured fixed seconds per teacher run and per trial (``overhead_seconds``, from the smoke sweep)."""
     cal = calibration()
     grouped = bool(cfg.compute.group_by_length)
     compute = p.compute or {}
@@ -202,6 +206,14 @@ def estimate_cost(cfg: Any, p: Plan, domain_sizes: Mapping[str, int]) -> dict[st
     s_cost = sum(n[c.domain] * c.rate * per_example(c) for c in p.cells) * p.trials_per_cell
     t_cost *= sec["teacher"]["teacher_epoch"]
     c_cost *= sec["cache"]["cache"]
+    # fixed seconds per teacher run and per trial (start-up, loading, evaluation, export), measured on the smoke sweep
+    over = cal.get("overhead_seconds") or {}
+
+    def overhead(stage: str, what: str) -> float:
+        return float((over.get(_precision_key(compute.get(stage))) or {}).get(what, 0.0))
+
+    t_cost += len(p.teachers) * overhead("teacher", "teacher_run")
+    s_cost += p.trials * overhead("trial", "trial")
     return {"teacher_cpu_s": round(t_cost), "cache_cpu_s": round(c_cost), "trial_cpu_s": round(s_cost),
             "total_cpu_s": round(t_cost + c_cost + s_cost),
             "calibration": f"{cal.get('source')}, measured {cal.get('measured') or 'never'}"}
