@@ -23,9 +23,11 @@ import torch
 from torch import nn
 
 from metakd_ray.losses import LossTerms
-from metakd_ray.runtime import CPU_FP32, Runtime
+from metakd_ray.runtime import CPU_FP32, Runtime, release_memory
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# Steps between handing freed heap memory back to the OS (``runtime.release_memory``; ~ms each).
+TRIM_EVERY = 16
 
 
 def model_inputs(batch: dict) -> dict:
@@ -242,6 +244,8 @@ def train_stage(
             sched.step()
             step += 1
             batches += 1
+            if batches % TRIM_EVERY == 0:
+                release_memory()
             # summed on the device: no host sync per step
             sums["loss"] = sums.get("loss", 0.0) + terms.total.detach().float()
             for name, value in terms.terms.items():
@@ -255,6 +259,7 @@ def train_stage(
                 best_dev, best_epoch = dev["mean"], epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append(metrics)
+        release_memory()  # the epoch's freed activations back to the OS
         if log:
             log(metrics)
         if checkpointer:

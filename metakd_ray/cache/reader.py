@@ -81,6 +81,37 @@ def _matrix_column(name: str, col: pa.ChunkedArray, n_tokens: np.ndarray, width:
     return np.concatenate([decode_matrix(c, int(t), width, precision) for c, t in zip(cells, n_tokens)])
 
 
+def _columns(table: pa.Table, names: list[str], width: int, precision: str) -> dict:
+    """One file's fields as numpy arrays that own their memory (no view into Arrow buffers)."""
+    n_tokens = table["n_tokens"].to_numpy().astype(np.int64)
+    out: dict = {"id": table["id"].to_pylist(), "n_tokens": n_tokens,
+                 "logits": np.stack([np.frombuffer(c, dtype="<f4") for c in table["logits"].to_pylist()])
+                 if table.num_rows else np.zeros((0, 0), np.float32),
+                 "domain_hidden": None, "prototype_score": None}
+    if "domain_hidden" in table.column_names:
+        out["domain_hidden"] = np.stack([np.frombuffer(c, dtype="<f2") for c in table["domain_hidden"].to_pylist()])
+    if "prototype_score" in table.column_names:
+        out["prototype_score"] = table["prototype_score"].to_numpy().astype(np.float32)
+    for name in names:
+        out[name] = np.array(_matrix_column(name, table[name], n_tokens, width, precision))  # a copy
+    return out
+
+
+def _fill(parts: list[dict], name: str) -> np.ndarray:
+    """``np.concatenate`` of the parts' ``name`` arrays into one preallocated array, dropping each part's array as
+    soon as it is copied."""
+    shape0 = sum(len(part[name]) for part in parts)
+    first = parts[0][name]
+    out = np.empty((shape0, *first.shape[1:]), dtype=first.dtype)
+    at = 0
+    for part in parts:
+        x = part.pop(name)
+        out[at:at + len(x)] = x
+        at += len(x)
+        del x
+    return out
+
+
 def load_cache(ref: CacheRef, verify: bool = True) -> LoadedCache:
     """The cache ``ref`` in memory (once per process; later calls return the same object). ``verify`` checks each
     file's sha256 against the manifest as it is read."""
@@ -89,7 +120,13 @@ def load_cache(ref: CacheRef, verify: bool = True) -> LoadedCache:
         return _LOADED[ref.fingerprint]
     _keep_recent(_LOADED, KEEP_LOADED - 1)  # room first: never two big caches at once
     m, storage = ref.manifest, ref.storage()
-    tables = []
+    width = int(m["teacher"]["hidden_size"])
+    names = [f"hidden_{L}" for L in m["stored_layers"]]
+    names += [f"{w}_{L}" for L in m.get("qk_layers", []) for w in ("query", "key")]
+    # File by file: its bytes, then its table, then numpy copies of its columns; each file's Arrow memory is freed
+    # before the next is read. Then one array per field, filled part by part (each part freed once copied), so the
+    # process holds about one copy of the cache, not the bytes, the tables and the arrays at once.
+    parts = []
     for entry in m["files"]:
         try:
             data = storage.read_bytes(*ref.parts, entry["name"])
@@ -99,20 +136,24 @@ def load_cache(ref: CacheRef, verify: bool = True) -> LoadedCache:
         if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise CacheError(f"{storage.uri(*ref.parts, entry['name'])}: sha256 differs from the manifest; call "
                              "ensure_cache again to rebuild the cache")
-        tables.append(pq.read_table(pa.BufferReader(data)))
-    table = pa.concat_tables(tables)
-    ids = table["id"].to_pylist()
-    n_tokens = table["n_tokens"].to_numpy().astype(np.int64)
-    width = int(m["teacher"]["hidden_size"])
+        table = pq.read_table(pa.BufferReader(data))
+        del data
+        parts.append(_columns(table, names, width, m["precision"]))
+        del table
+        pa.default_memory_pool().release_unused()
+    if not parts:
+        raise CacheError(f"cache {ref.fingerprint}: its manifest lists no files; call ensure_cache again")
+    ids = [i for part in parts for i in part["id"]]
+    n_tokens = np.concatenate([part["n_tokens"] for part in parts])
     starts = np.concatenate([[0], np.cumsum(n_tokens)[:-1]]).astype(np.int64)
-    logits = np.stack([np.frombuffer(c, dtype="<f4") for c in table["logits"].to_pylist()])
-    dh = None
-    if "domain_hidden" in table.column_names:
-        dh = np.stack([np.frombuffer(c, dtype="<f2") for c in table["domain_hidden"].to_pylist()])
-    proto = table["prototype_score"].to_numpy().astype(np.float32) if "prototype_score" in table.column_names else None
-    names = [f"hidden_{L}" for L in m["stored_layers"]]
-    names += [f"{w}_{L}" for L in m.get("qk_layers", []) for w in ("query", "key")]
-    matrices = {n: _matrix_column(n, table[n], n_tokens, width, m["precision"]) for n in names}
+    fields = {}
+    for name in ("logits", "domain_hidden", "prototype_score", *names):
+        if parts[0].get(name) is None:
+            fields[name] = None
+            continue
+        fields[name] = _fill(parts, name)
+    logits, dh, proto = fields.pop("logits"), fields.pop("domain_hidden"), fields.pop("prototype_score")
+    matrices = fields
     loaded = LoadedCache(ref.fingerprint, m, {i: r for r, i in enumerate(ids)}, n_tokens, starts, logits, dh, proto,
                          matrices)
     _LOADED[ref.fingerprint] = loaded
