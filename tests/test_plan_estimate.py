@@ -1,0 +1,44 @@
+"""The plan's cost estimate comes from the shipped calibration (measured by benchmarks/precision.py and
+smoke_precision.py): per precision, grouped or random batches, plus per-run overheads."""
+
+from __future__ import annotations
+
+import pytest
+from toy import tiny_config
+
+from metakd_ray import runtime as R
+from metakd_ray.sweep.plan import calibration, estimate_cost, make_plan
+
+SIZES = {"alpha": 1000, "beta": 1000, "gamma": 1000}
+
+
+def test_the_calibration_ships_with_the_package():
+    cal = calibration()
+    assert cal["source"] == "python benchmarks/precision.py" and cal["measured"]
+    for key in ("fp32", "bf16"):
+        assert cal["seconds_per_example"][key]["teacher_epoch"] > 0
+        assert cal["overhead_seconds"][key]["trial"] > 0
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    monkeypatch.setattr(R, "cpu_has_bf16", lambda: True)
+
+
+def test_estimate_follows_precision_grouping_and_counts_runs(tmp_path, bf16_cpu):
+    def total(*o):
+        cfg = tiny_config(tmp_path, *o)
+        return estimate_cost(cfg, make_plan(cfg), SIZES)
+
+    fp32 = total("compute.precision=fp32")
+    bf16 = total("compute.precision=auto")
+    fp32_random = total("compute.precision=fp32", "compute.group_by_length=false")
+    assert bf16["total_cpu_s"] < fp32["total_cpu_s"] < fp32_random["total_cpu_s"]
+    cal = calibration()
+    cfg = tiny_config(tmp_path, "compute.precision=auto")
+    p = make_plan(cfg)
+    sec = cal["seconds_per_example"]["bf16"]
+    teacher = sum(sum(SIZES[d] for d in t["domains"]) * t["rate"] for t in p.teachers) * cfg.teacher.epochs
+    expected = teacher * sec["teacher_epoch"] + len(p.teachers) * cal["overhead_seconds"]["bf16"]["teacher_run"]
+    assert bf16["teacher_cpu_s"] == round(expected)
+    assert "precision.py" in bf16["calibration"]
