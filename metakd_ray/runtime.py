@@ -28,7 +28,7 @@ import os
 import platform
 import subprocess
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -189,10 +189,3 @@ def release_memory() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
-
-
-@contextlib.contextmanager
-def fp32_region(device_type: str = "cpu") -> Iterator[None]:
-    """Autocast off: ops inside run in their inputs' dtype (losses cast their inputs to fp32 first)."""
-    with torch.autocast(device_type, enabled=False):
-        yield

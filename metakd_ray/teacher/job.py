@@ -40,7 +40,7 @@ from metakd_ray import config as C
 from metakd_ray import data as D
 from metakd_ray import models as M
 from metakd_ray.data.batching import EpochSampler, lengths_of
-from metakd_ray.runtime import Runtime, resolve_precision, runtime_for
+from metakd_ray.runtime import runtime_for
 from metakd_ray.storage import Storage
 from metakd_ray.teacher.artefact import (MANIFEST, MODEL_DIR, PROTOTYPE_FILE, TEACHERS, TeacherArtefact, TeacherSpec,
                                          check_worker_split, finished_teacher, model_location, prototype_parts,
@@ -181,8 +181,8 @@ def train_loop_per_worker(config: dict) -> dict:
     # the batches stay on the CPU here: train_stage moves them to the worker's device (runtime below)
     train_loader = DataLoader(train, batch_size=cfg.teacher.batch_size // world, sampler=sampler, collate_fn=collate)
     dev_loader = cell.eval_loader(dev, collate)
-    runtime = Runtime(ray.train.torch.get_device(), spec.precision if spec.precision != "auto" else
-                      resolve_precision(cfg.compute.precision, ray.train.torch.get_device().type))
+    # the precision the driver resolved; "auto" (a driver that could not tell) resolves on this worker's device
+    runtime = runtime_for(spec.precision, ray.train.torch.get_device())
     set_seed(spec.seed)
     model = build_teacher(spec.kind, inputs.encoder, splits.num_labels, len(splits.domains), cfg.model)
     # The encoder's buffers (position and token-type ids) are constants: synced once at DDP init, not every forward.
