@@ -3,8 +3,9 @@
 
     python -m metakd_ray.local sweeps/smoke.yaml --target books --method meta/meta_kd --rate 0.1
 
-Artefacts go to ``<storage.root>/local/<target>-<teacher kind>-<student method>-r<rate>-s<seed>/`` with the
-resolved config beside them; a rerun resumes every stage from its checkpoints.
+Artefacts go to ``<storage.root>/local/<target>-<teacher kind>-<student method>-r<rate>-s<seed>-<config hash>/`` with
+the resolved config beside them; a rerun with the same config resumes every stage from its checkpoints, a changed
+config (anything but ``ray``/``storage``) gets a directory of its own.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from metakd_ray import models as M
 from metakd_ray.distill import LiveTeacher
 from metakd_ray.teacher.model import build_teacher, pool_prototype_scores, teacher_logits, train_teacher
 from metakd_ray.runtime import runtime_for
+from metakd_ray.storage import hash_json
 from metakd_ray.training import LocalCheckpointer, accuracy_by_domain, atomic_export, set_seed
 
 
@@ -91,6 +93,15 @@ def run_cell(cfg: C.Config, target: str, method: str, rate: float, seed: int, ou
     return result
 
 
+def cell_dir_name(cfg: C.Config, target: str, method: str, rate: float, seed: int) -> str:
+    """``<target>-<kind>-<method>-r<rate>-s<seed>-<config hash>``: the hash covers every setting that changes what is
+    computed (not ``ray``/``storage``), so a rerun with the same config resumes its checkpoints and a changed config
+    gets its own directory instead of reusing a teacher or student trained under other settings."""
+    kind, sm = method.split("/")
+    what = {k: v for k, v in C.to_dict(cfg).items() if k not in ("ray", "storage")}
+    return f"{target}-{kind}-{sm}-r{rate:g}-s{seed}-{hash_json(what)[:10]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m metakd_ray.local", description=__doc__.split("\n\n")[0])
     ap.add_argument("config")
@@ -113,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return 2
     seed = args.seed if args.seed is not None else cfg.sweep.seeds[0]
-    kind, sm = args.method.split("/")
-    out = Path(cfg.storage.root) / "local" / f"{target}-{kind}-{sm}-r{rate:g}-s{seed}"
+    out = Path(cfg.storage.root) / "local" / cell_dir_name(cfg, target, args.method, rate, seed)
     try:
         res = run_cell(cfg, target, args.method, rate, seed, out,
                        log=lambda m: print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)

@@ -35,7 +35,8 @@ def connect_ray(cfg: C.Config) -> str:
 
     if ray.is_initialized():
         return "existing"
-    local = {"address": "local", "num_cpus": cfg.ray.num_cpus or None}
+    # an embedded Ray's dashboard (and job server) answers on this machine only
+    local = {"address": "local", "num_cpus": cfg.ray.num_cpus or None, "dashboard_host": "127.0.0.1"}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
     if address == "local":
         ray.init(**local)

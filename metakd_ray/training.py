@@ -42,13 +42,38 @@ def set_seed(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as plain types and tensors (numpy's key array as an int64 tensor), so that a checkpoint
+    holding it loads with ``torch.load(..., weights_only=True)`` (:func:`load_state`)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
+
+
+class CheckpointError(ValueError):
+    """A saved training state cannot be read (damaged, or not one this project wrote). One line."""
+
+
+def load_state(source: str | os.PathLike | bytes, what: str) -> dict:
+    """A training state written by ``torch.save`` (a checkpoint, a trial's progress), loaded with
+    ``weights_only=True``: tensors, numbers, strings and containers only, never arbitrary pickled objects.
+    ``what`` names the file in the error (:class:`CheckpointError`) when it cannot be read."""
+    import io
+    import pickle
+
+    try:
+        f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{what}: cannot be read as a training state ({first[:200]}); delete it to start "
+                              "that stage over") from None
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, total_steps: int, warmup: float,
@@ -116,7 +141,7 @@ class LocalCheckpointer:
 
     def load(self) -> dict | None:
         p = Path(self.directory) / "last.pt"
-        return torch.load(p, weights_only=False) if p.exists() else None
+        return load_state(p, str(p)) if p.exists() else None
 
     def save(self, state: dict, metrics: dict) -> None:
         d = Path(self.directory)

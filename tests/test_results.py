@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from metakd_ray import results as R
+from metakd_ray.results.load import ResultsError
 from metakd_ray.storage import Storage
 from metakd_ray.sweep.plan import Cell, Plan
 from metakd_ray.sweep.records import TrialRecord, TrialStore, trial_key
@@ -119,13 +120,15 @@ def test_cell_status_with_running_and_failed_trials(sweep):
     assert c.loc["dvd", "status"] == "failed" and c.loc["dvd", "error"] == "RuntimeError: boom"
 
 
-def test_records_that_cannot_be_read_are_skipped_and_the_plan_gives_the_cells(sweep):
+def test_a_damaged_record_is_named_and_the_plan_gives_the_cells(sweep):
     ok = sweep.cell("books", 1.0, OURS, 0)
     sweep.trial(ok, dev=0.9, test=0.8)
     root = sweep.write(trials_per_cell=1)
-    (root / "trials" / "broken.json").write_text("{not json")
     df = R.load_results(root)
     assert len(df) == 1 and df.loc[0, "domain"] == "books" and df.loc[0, "rate"] == 1.0 and df.loc[0, "seed"] == 0
+    (root / "trials" / "broken.json").write_text("{not json")
+    with pytest.raises(ResultsError, match="broken.json is damaged"):
+        R.load_results(root)
 
 
 def test_cell_selects_best_dev_then_earliest(sweep):

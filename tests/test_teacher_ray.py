@@ -10,7 +10,7 @@ import pytest
 import ray.cloudpickle
 import torch
 import toy
-from toy import DOMAINS, FailAtEpoch, ToyInputs, tiny_config
+from toy import DOMAINS, FailAtEpoch, KillAtEpoch, ToyInputs, tiny_config
 
 from metakd_ray import cell as cells
 from metakd_ray import config as C
@@ -178,3 +178,21 @@ def test_killed_run_resumes_from_its_checkpoint(ray_session, tmp_path, local_met
     assert m["dev_accuracy"] == uninterrupted["dev_accuracy"]
     for a, b in zip(m["history"], uninterrupted["history"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
+@pytest.mark.timeout(240)
+def test_fault_sigkilled_train_worker_resumes_from_its_checkpoint(ray_session, tmp_path, local_meta):
+    """A Ray Train worker SIGKILLed during epoch 2: Ray Train restarts the worker group (train_max_failures=1) from
+    the epoch-1 checkpoint, and the exported teacher matches the uninterrupted run."""
+    cfg = tiny_config(tmp_path, "ray.train_workers=1", "ray.train_max_failures=1")
+    spec = teacher_spec(cfg, "meta", None, 0.5, 0)
+    marker = tmp_path / "killed.pid"
+    art = ensure_teacher(cfg, spec, Storage(cfg.storage.root), inputs=ToyInputs(),
+                         epoch_hook=KillAtEpoch(2, str(marker)))
+    assert marker.exists()  # the worker was killed
+    m = art.manifest
+    # the newest checkpoint Ray Train had registered when the worker died: epoch 1's, or epoch 0's when the kill came
+    # before the controller processed epoch 1's report; either way no epoch is lost or counted twice
+    assert m["resumed_at_epoch"] in (1, 2)
+    assert [h["epoch"] for h in m["history"]] == [0, 1, 2, 3]
+    assert m["dev_accuracy"] == local_meta[3].manifest["dev_accuracy"]

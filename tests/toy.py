@@ -124,3 +124,22 @@ def write_toy_project(root, *overrides: str) -> "Path":
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     C.load(path, list(overrides))  # fail here, not in a subprocess, if the toy config is wrong
     return path
+
+
+@dataclass(frozen=True)
+class KillAtEpoch:
+    """An ``epoch_hook`` that SIGKILLs its own worker process when ``epoch``'s metrics arrive (before that epoch's
+    checkpoint), the first time only: ``marker`` (a file path) records that it fired. A Ray Train worker lost to a
+    node failure or the OOM killer."""
+
+    epoch: int
+    marker: str
+
+    def __call__(self, metrics: dict) -> None:
+        import os
+        import signal
+        from pathlib import Path
+
+        if metrics["epoch"] == self.epoch and not Path(self.marker).exists():
+            Path(self.marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)

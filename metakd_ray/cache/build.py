@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 from metakd_ray.cache.format import FORMAT_VERSION, encode_matrix, matrix_bytes
 from metakd_ray.cache.job import CacheJob, cache_job
 from metakd_ray.cache.store import (CACHES, MANIFEST, CacheError, CacheRef, file_entry, find_cache, log, prune,
-                                    publish, touch, verify)
+                                    publish, remove_orphan_staging, root_cause, touch, verify)
+from metakd_ray.locks import cache_lock
 from metakd_ray.storage import Storage
 from metakd_ray.teacher.artefact import TeacherLocation
 
@@ -276,6 +277,32 @@ def ensure_caches(cfg: Any, jobs: Sequence[CacheJob], *, batch_size: int = 32, r
             if ref is not None:
                 refs[job.fingerprint] = ref
     missing = list({j.fingerprint: j for j in jobs if j.fingerprint not in refs}.values())
+    if not missing:
+        return [refs[j.fingerprint] for j in jobs]
+    # One builder per cache: another driver building one of these holds its lock; wait for it (sorted order, so
+    # two drivers never wait for each other), then use what it built.
+    locks = [cache_lock(storage, fp) for fp in sorted(j.fingerprint for j in missing)]
+    try:
+        for lock in locks:
+            lock.acquire(wait=True, say=lambda m: log.warning("%s", m))
+        remove_orphan_staging(storage, held={j.fingerprint for j in missing})
+        return _ensure_locked(cfg, jobs, refs, batch_size=batch_size, rows_per_block=rows_per_block,
+                              threads_per_actor=threads_per_actor, max_total_bytes=max_total_bytes, keep=keep)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _ensure_locked(cfg: Any, jobs: Sequence[CacheJob], refs: dict[str, CacheRef], *, batch_size: int,
+                   rows_per_block: int | None, threads_per_actor: int | None, max_total_bytes: float | None,
+                   keep: Sequence[str]) -> list[CacheRef]:
+    storage = jobs[0].storage
+    for job in jobs:  # again: a driver we waited for may have built some
+        if job.fingerprint not in refs:
+            ref = find_cache(job.storage, job.fingerprint)
+            if ref is not None:
+                refs[job.fingerprint] = ref
+    missing = list({j.fingerprint: j for j in jobs if j.fingerprint not in refs}.values())
     protect = (*keep, *(j.fingerprint for j in jobs))
     if max_total_bytes is not None:  # make room first, so the total never passes the budget
         prune(storage, max_total_bytes - sum(j.est_bytes() for j in missing), keep=protect)
@@ -322,8 +349,14 @@ def _build(cfg: Any, jobs: list[CacheJob], **job_args: Any) -> dict[str, CacheRe
             part = staging if partition is None else (*staging, f"{CACHE_COL}={j.fingerprint}")
             refs[j.fingerprint] = _finish(j, part, seconds * j.num_examples / total_rows, shared,
                                           cfg.ray.gpus("cache"))
+    except CacheError:
+        raise
+    except Exception as e:  # the Ray Data job or the publishing failed: one line, nothing half-written counts
+        raise CacheError(f"building {len(jobs)} cache(s) under {storage.uri(CACHES)} failed: {root_cause(e)}; "
+                         "no cache was marked complete (rerun to build them again)") from e
     finally:
-        storage.delete(*staging)
+        try:
+            storage.delete(*staging)
+        except OSError:  # e.g. the disk that failed the build; the next build removes it (remove_orphan_staging)
+            pass
     return refs
-
-

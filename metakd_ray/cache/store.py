@@ -3,7 +3,9 @@ verified against their manifest before any use, evicted least recently used firs
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -11,7 +13,9 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from metakd_ray import faults
 from metakd_ray.cache.format import FORMAT_VERSION
+from metakd_ray.locks import LockHeld, cache_lock
 from metakd_ray.storage import Storage, sha256_hex
 
 log = logging.getLogger(__name__)
@@ -133,6 +137,8 @@ def prune(storage: Storage, max_total_bytes: float, keep: Sequence[str] = ()) ->
 
 def publish(storage: Storage, staging: tuple[str, ...], fp: str) -> None:
     """Move the staged Parquet files into ``caches/<fp>/`` (replacing an incomplete or corrupt one)."""
+    if faults.rules().get("cache_write") == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), storage.path(CACHES, fp))
     storage.delete(CACHES, fp)
     if storage.is_local:
         storage.fs.move(storage.path(*staging), storage.path(CACHES, fp))
@@ -156,3 +162,42 @@ def find_cache(storage: Storage, fp: str) -> CacheRef | None:
     log.info("cache %s: hit (%d examples), nothing recomputed", storage.uri(CACHES, fp), manifest["num_examples"])
     return CacheRef(storage.uri(), fp, manifest, built=False)
 
+
+def remove_orphan_staging(storage: Storage, held: set[str] = frozenset()) -> list[str]:
+    """Delete ``caches/.staging-<fp>-*`` directories that no live builder owns (left by a killed build): their
+    cache's lock is free, or held by this process (``held``: it is about to build those). Returns the names
+    removed."""
+    removed = []
+    for name in storage.listdir(CACHES):
+        if not name.startswith(".staging-"):
+            continue
+        fp = name[len(".staging-"):].rsplit("-", 1)[0]
+        lock = cache_lock(storage, fp)
+        if fp not in held:
+            try:
+                lock.acquire(wait=False)
+            except LockHeld:
+                continue  # a live builder's
+        try:
+            storage.delete(CACHES, name)
+            removed.append(name)
+            log.warning("removed %s, left by a cache build that did not finish", storage.uri(CACHES, name))
+        finally:
+            lock.release()
+    return removed
+
+
+def root_cause(e: BaseException) -> str:
+    """``Type: first line`` of the innermost cause of ``e`` (Ray wraps a task's exception: ``cause``)."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None) or e.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        e = inner
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    name = type(e).__name__
+    if name.startswith("RayTaskError") and lines:  # no cause attached: its text ends with the original error
+        return lines[-1][:300]
+    return f"{name}: {lines[0][:300]}" if lines else name

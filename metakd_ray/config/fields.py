@@ -1,7 +1,7 @@
 """The one value checker behind every config section, and the helpers that declare fields.
 
 A section is a frozen dataclass deriving from :class:`Section`. Its ``__post_init__`` checks every field against
-its annotation (a Literal, a tuple of X, int, float, bool, str or a nested section) and its range metadata,
+its annotation (a Literal, a tuple of X, int, float, bool, str or a nested section) and its range (or pattern) metadata,
 coerces an int given for a float and a list given for a tuple (with ``object.__setattr__``, so the object stays
 frozen and equals the one the YAML loader builds), then runs the section's cross-field ``_rules``, and raises
 :class:`ConfigError` listing every problem. Each message names the dotted path (the section's ``_path`` plus the
@@ -14,8 +14,9 @@ import dataclasses
 import difflib
 import functools
 import math
+import re
 import typing
-from dataclasses import field
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Literal
 
 
@@ -36,6 +37,19 @@ def num(default: Any, lo: float | None = None, hi: float | None = None, *, lo_op
         hi_open: bool = False) -> Any:
     """A numeric field in [lo, hi] (``lo_open``/``hi_open`` exclude a bound); for a tuple, each element's range."""
     return field(default=default, metadata={"range": (lo, hi, lo_open, hi_open)})
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """The allowed form of a string field: ``regex`` (matched in full) and ``text``, what an error says is allowed."""
+
+    regex: str
+    text: str
+
+
+def matching(default: str, regex: str, text: str) -> Any:
+    """A string field that must match ``regex`` in full; ``text`` says what is allowed."""
+    return field(default=default, metadata={"pattern": Pattern(regex, text)})
 
 
 def sub(cls: type) -> Any:
@@ -95,6 +109,10 @@ def check_value(tp: Any, value: Any, path: str, rng=None) -> tuple[Any, list[str
         return value, [f"{path}: {value!r} is not allowed; expected {type_name(tp)}{did_you_mean(value, args)}"]
     if not (isinstance(value, tp) if dataclasses.is_dataclass(tp) else _IS[tp](value)):
         return value, [f"{path}: {value!r} ({type(value).__name__}) is not allowed; expected {type_name(tp)}"]
+    if isinstance(rng, Pattern):
+        if tp is str and not re.fullmatch(rng.regex, value):
+            return value, [f"{path}: {value!r} is not allowed; expected {rng.text}"]
+        return value, []
     if rng is not None and tp in (int, float) and not _in_range(value, rng):
         return value, [f"{path}: {value!r} is out of range; allowed {_range_text(rng)}"]
     return (float(value) if tp is float else value), []
@@ -102,9 +120,10 @@ def check_value(tp: Any, value: Any, path: str, rng=None) -> tuple[Any, list[str
 
 @functools.cache
 def spec(cls: type) -> tuple[tuple[str, Any, Any], ...]:
-    """(name, resolved annotation, range) of each field of section ``cls``."""
+    """(name, resolved annotation, range or :class:`Pattern`) of each field of section ``cls``."""
     hints = typing.get_type_hints(cls)
-    return tuple((f.name, hints[f.name], f.metadata.get("range")) for f in dataclasses.fields(cls))
+    return tuple((f.name, hints[f.name], f.metadata.get("range", f.metadata.get("pattern")))
+                 for f in dataclasses.fields(cls))
 
 
 def field_errors(obj: Any) -> list[str]:

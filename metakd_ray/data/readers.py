@@ -14,9 +14,7 @@ Nothing here splits data; see :mod:`metakd_ray.data.splits`.
 
 from __future__ import annotations
 
-import csv
 import html
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from metakd_ray.config import DataConfig, TableConfig
+from metakd_ray.data.files import DataError, _read_text, _require_columns, read_records  # noqa: F401
 
 SENTIMENT_LABELS: tuple[str, ...] = ("negative", "positive")
 NLI_LABELS: tuple[str, ...] = ("entailment", "neutral", "contradiction")  # the Hugging Face multi_nli order
@@ -32,12 +31,9 @@ DOMAIN_DIRS: dict[str, tuple[str, ...]] = {"kitchen": ("kitchen", "kitchen_&_hou
 AMAZON_LAYOUTS: tuple[str, ...] = ("amazon-multi-domain-sentiment", "sorted_data_acl")
 MNLI_DIR = "mnli-genre-sample"
 FETCH_AMAZON = "python -m metakd_ray.data fetch amazon"
+REVIEWS_PER_FILE = 1000  # every labeled file of the corpus (positive.review, negative.review of each domain)
 
 Row = dict[str, Any]  # {"id": str, "text": str, "text_pair": str, "label": int, "domain": str}
-
-
-class DataError(ValueError):
-    """Data is missing or malformed. The message is one line: what was looked at, and how to get it."""
 
 
 def data_root(cfg: DataConfig) -> Path:
@@ -93,14 +89,44 @@ def parse_reviews(raw: str) -> list[Review]:
     return out
 
 
-def read_review_file(path: Path) -> list[Review]:
-    """Parse one ``.review`` file (UTF-8; Latin-1 if it is not, so no byte is ever dropped)."""
-    data = Path(path).read_bytes()
+def _read_review_text(path: Path) -> str:
     try:
-        raw = data.decode("utf-8")
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from e
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError:
-        raw = data.decode("latin-1")
-    return parse_reviews(raw)
+        return data.decode("latin-1")
+
+
+def read_review_file(path: Path) -> list[Review]:
+    """Parse one ``.review`` file (UTF-8; Latin-1 if it is not, so no byte is ever dropped). No check of the
+    count: see :func:`read_labeled_review_file` for a labeled file of the corpus."""
+    return parse_reviews(_read_review_text(path))
+
+
+def check_labeled_reviews(path: Path | str, raw: str, reviews: list[Review]) -> None:
+    """The one check of a labeled ``.review`` file of the corpus, shared by loading and ``fetch``: exactly
+    :data:`REVIEWS_PER_FILE` reviews, each with text, and as many ``<review>`` openings as ``</review>`` closings
+    (an unclosed block, an empty file or a file cut short would otherwise change the rows, and with them the
+    reference split of every domain, without a word). Raises :class:`DataError` naming the file, what was found
+    and what is expected; the caller adds how to fix it."""
+    opened, closed = raw.count("<review>"), raw.count("</review>")
+    empty = sum(not r.text for r in reviews)
+    if len(reviews) != REVIEWS_PER_FILE or empty or opened != closed:
+        raise DataError(f"{path}: {len(reviews)} reviews ({empty} without text; {opened} <review> and {closed} "
+                        f"</review> tags); expected {REVIEWS_PER_FILE} reviews with text, each <review> closed "
+                        "by </review>")
+
+
+def read_labeled_review_file(path: Path) -> list[Review]:
+    """Parse and check (:func:`check_labeled_reviews`) one labeled ``.review`` file of the corpus: read and parsed
+    once."""
+    raw = _read_review_text(path)
+    reviews = parse_reviews(raw)
+    check_labeled_reviews(path, raw, reviews)
+    return reviews
 
 
 def _domain_dir(base: Path, domain: str) -> Path | None:
@@ -126,9 +152,19 @@ def find_amazon_dir(root: Path, domains: Iterable[str]) -> Path:
     )
 
 
+def damaged_amazon_fix(root: Path, base: Path, folder: Path) -> str:
+    """How to replace a damaged corpus: remove the folder holding it (the domain folder when the domains sit
+    directly in the data root) and fetch it again."""
+    gone = folder if Path(base) == Path(root) else base
+    return f"the corpus is damaged: remove {gone} and get it again with: {FETCH_AMAZON} --root {root}"
+
+
 def read_amazon(root: Path, domains: Iterable[str]) -> list[Row]:
     """All labeled reviews of ``domains``, in the reference code's pooling order: domains as given, within a
-    domain positive then negative, each in file order. ids are ``<domain>/<label>/<index in file>``."""
+    domain positive then negative, each in file order. ids are ``<domain>/<label>/<index in file>``.
+
+    Every file read is checked as ``fetch`` checks it (:func:`check_labeled_reviews`); a damaged one raises
+    :class:`DataError` naming it and how to get the corpus again."""
     domains = tuple(domains)
     base = find_amazon_dir(root, domains)
     rows: list[Row] = []
@@ -138,7 +174,10 @@ def read_amazon(root: Path, domains: Iterable[str]) -> list[Row]:
         # Positive first: the reference code (EasyNLP generate_senti_data.py) pools in this order, and the
         # reference split depends on row order.
         for label_name in ("positive", "negative"):
-            reviews = read_review_file(folder / f"{label_name}.review")
+            try:
+                reviews = read_labeled_review_file(folder / f"{label_name}.review")
+            except DataError as e:
+                raise DataError(f"{e}; {damaged_amazon_fix(root, base, folder)}") from None
             label = SENTIMENT_LABELS.index(label_name)
             for i, r in enumerate(reviews):
                 rows.append({"id": f"{domain}/{label_name}/{i:04d}", "text": r.text, "text_pair": "",
@@ -151,34 +190,6 @@ def read_amazon(root: Path, domains: Iterable[str]) -> list[Row]:
 # ----------------------------------------------------------------------------------------------------------
 
 MNLI_COLUMNS = ("sentence1", "sentence2", "label", "genre")
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Rows of a TSV, CSV, JSONL or Parquet file as dicts (by extension). TSV/CSV are read with
-    ``QUOTE_NONE`` for TSV (MNLI text is pre-tokenised and quotes are text) and every cell as a string."""
-    suffix = path.suffix.lower()
-    if suffix in (".tsv", ".csv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            if suffix == ".tsv":
-                reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            else:
-                reader = csv.DictReader(f)
-            return [dict(r) for r in reader]
-    if suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    raise DataError(f"{path}: unsupported file type {suffix!r}; expected .csv, .tsv, .jsonl or .parquet")
-
-
-def _require_columns(path: Path | str, records: list[dict], columns: Iterable[str]) -> None:
-    have = set(records[0]) if records else set()
-    missing = [c for c in columns if c not in have]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(sorted(have)) or 'no rows'}")
 
 
 def _nli_label(value: Any, where: str) -> int:
@@ -279,12 +290,17 @@ def read_table(root: Path, table: TableConfig) -> dict[str, list[dict[str, Any]]
         records = read_records(path)
         if not records:
             raise DataError(f"data.table.{split}: {path} has no rows")
-        _require_columns(path, records, columns)
+        _require_columns(path, records, columns, hint=" (data.table.text_column, label_column, domain_column"
+                         + (", text_pair_column" if table.text_pair_column else "")
+                         + "; set them to the file's column names)")
         rows = []
         for i, r in enumerate(records):
             label = r.get(table.label_column)
             if label is None or label == "" or (isinstance(label, float) and label != label):
                 raise DataError(f"{path} row {i + 1}: empty {table.label_column!r}")
+            if not isinstance(label, (str, int, float)):
+                raise DataError(f"{path} row {i + 1}: {table.label_column!r} is a {type(label).__name__}; expected a "
+                                "string or a number")
             rows.append({"id": f"{split}/{i:06d}", "text": _text(r.get(table.text_column)),
                          "text_pair": _text(r.get(table.text_pair_column)) if table.text_pair_column else "",
                          "label": label, "domain": _text(r.get(table.domain_column))})

@@ -9,6 +9,7 @@ directory, or straight against ``s3://`` / ``gs://`` through :class:`metakd_ray.
 
 from __future__ import annotations
 
+import json
 import posixpath
 from typing import Any
 
@@ -17,13 +18,19 @@ import yaml
 
 from metakd_ray.storage import Storage
 from metakd_ray.sweep.plan import PLAN_FILE, Plan
-from metakd_ray.sweep.records import ERROR, OK, TrialStore
+from metakd_ray.sweep.records import ERROR, OK, TRIALS, TrialRecord
 
 CELL_KEYS = ("cell", "domain", "rate", "method", "seed", "gamma2")
 COSTS = ("wall_s", "cpu_s", "gpu_s")
 SHARED_COSTS = tuple(f"{kind}_{c}" for kind in ("teacher", "cache") for c in COSTS)
 # Tune's names for a trial's state, kept as the DataFrame's vocabulary.
 STATUS = {OK: "TERMINATED", ERROR: "ERROR"}
+RERUN = "python -m metakd_ray.sweep CONFIG"
+
+
+class ResultsError(ValueError):
+    """A sweep's record (plan.json, costs.json, config.yaml, a trial's record) is damaged. The message is one line:
+    the file, what is wrong with it and what to do."""
 
 
 def open_sweep(path: Any) -> Storage:
@@ -36,8 +43,143 @@ def open_sweep(path: Any) -> Storage:
     return st
 
 
-def _read_json(st: Storage, *parts: str) -> Any:
-    return st.read_json(*parts) if st.is_file(*parts) else None
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, KeyError):
+        return f"missing {e}"
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _damaged(st: Storage, parts: tuple[str, ...], why: str, fix: str) -> ResultsError:
+    return ResultsError(f"{st.uri(*parts)} is damaged ({why}); {fix}")
+
+
+def _rewrite(name: str) -> str:
+    return f"remove it and rerun the sweep ({RERUN}) to write {name} again"
+
+
+_REDO_TRIAL = f"remove it and rerun the sweep ({RERUN}): that trial runs again"
+
+
+def _read_json(st: Storage, *parts: str, fix: str) -> Any:
+    """The JSON at ``parts``, or None if there is no such file; :class:`ResultsError` if it does not parse."""
+    if not st.is_file(*parts):
+        return None
+    data = st.read_bytes(*parts)
+    if not data.strip():
+        raise _damaged(st, parts, "empty", fix)
+    try:
+        return json.loads(data)
+    except ValueError as e:  # JSONDecodeError (invalid or cut short), UnicodeDecodeError
+        raise _damaged(st, parts, f"not valid JSON: {' '.join(str(e).split())}", fix) from None
+
+
+def _numeric(v: Any) -> bool:
+    """A number, or a string holding one (a numpy scalar written with ``default=str``)."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, (int, float)):
+        return True
+    try:
+        float(v)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(v, str)
+
+
+def _read_plan(st: Storage) -> tuple[dict | None, Plan]:
+    """plan.json as a dict (None if absent) and as a :class:`Plan`; ResultsError if it does not have the plan's
+    shape."""
+    fix = _rewrite(PLAN_FILE)
+    plan_json = _read_json(st, PLAN_FILE, fix=fix)
+    if plan_json is not None and not isinstance(plan_json, dict):
+        raise _damaged(st, (PLAN_FILE,), f"a JSON {type(plan_json).__name__}, not the plan's object", fix)
+    try:
+        plan = Plan.from_json(plan_json or {})
+        for c in plan.cells:
+            c.to_json()
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+        raise _damaged(st, (PLAN_FILE,), f"not a plan: {_one_line(e)}", fix) from None
+    return plan_json, plan
+
+
+def _read_costs(st: Storage) -> dict:
+    """costs.json ({} if absent); ResultsError unless it is {"teachers": {key: entry}, "caches": {key: entry}} with
+    numeric costs and a list of cells per entry."""
+    fix = _rewrite("costs.json")
+    costs = _read_json(st, "costs.json", fix=fix)
+    if costs is None:
+        return {}
+    if not isinstance(costs, dict):
+        raise _damaged(st, ("costs.json",), f"a JSON {type(costs).__name__}, expected an object", fix)
+    for section in ("teachers", "caches"):
+        entries = costs.get(section)
+        if entries is None:
+            continue
+        if not isinstance(entries, dict):
+            raise _damaged(st, ("costs.json",), f"{section!r} is a {type(entries).__name__}, expected an object", fix)
+        for key, entry in entries.items():
+            if not isinstance(entry, dict):
+                raise _damaged(st, ("costs.json",), f"{section}.{key} is a {type(entry).__name__}, expected an object",
+                               fix)
+            bad = [c for c in COSTS if entry.get(c) is not None and not _numeric(entry[c])]
+            if bad or not isinstance(entry.get("cells") or [], list):
+                what = f"{bad[0]} is not a number" if bad else "cells is not a list"
+                raise _damaged(st, ("costs.json",), f"{section}.{key}: {what}", fix)
+    return costs
+
+
+# What each field of a trial record must be (records are written by the trial itself; anything else is damage).
+_NUMBER_OR_NONE, _DICT_OR_NONE = (int, float, type(None)), (dict, type(None))
+_RECORD_TYPES: dict[str, Any] = {"key": str, "cell": str, "slot": int, "hp": _DICT_OR_NONE, "experiment": str,
+                                 "trial_id": str, "status": str, "attempts": int, "last": _DICT_OR_NONE,
+                                 "final": _DICT_OR_NONE, "start_time": _NUMBER_OR_NONE, "updated": _NUMBER_OR_NONE}
+_REPORTED = ("dev_acc", "test_acc", "wall_s", "cpu_s", "gpu_s", "n_train", "epoch")
+
+
+def _read_records(st: Storage) -> list[TrialRecord]:
+    """Every trial's record under ``trials/``, in key order; ResultsError naming the first one that is damaged
+    (``TrialStore.records`` skips those, which would make a trial vanish from the results without a word)."""
+    out = []
+    for name in st.listdir(TRIALS):
+        if not name.endswith(".json"):
+            continue
+        parts = (TRIALS, name)
+        d = _read_json(st, *parts, fix=_REDO_TRIAL)
+        if d is None:  # gone between listing and reading (a trial rewriting it elsewhere): not damage
+            continue
+        if not isinstance(d, dict):
+            raise _damaged(st, parts, f"a JSON {type(d).__name__}, expected a trial record object", _REDO_TRIAL)
+        try:
+            rec = TrialRecord.from_json(d)
+        except (TypeError, ValueError) as e:
+            raise _damaged(st, parts, f"not a trial record: {_one_line(e)}", _REDO_TRIAL) from None
+        for field, kind in _RECORD_TYPES.items():
+            value = getattr(rec, field)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise _damaged(st, parts, f"{field} is {value!r}, not what a trial writes", _REDO_TRIAL)
+        if not all(isinstance(e, str) for e in rec.errors):
+            raise _damaged(st, parts, "errors is not a list of strings", _REDO_TRIAL)
+        for section in ("last", "final"):
+            report = getattr(rec, section) or {}
+            bad = [k for k in _REPORTED if report.get(k) is not None and not _numeric(report[k])]
+            if bad:
+                raise _damaged(st, parts, f"{section}.{bad[0]} is {report[bad[0]]!r}, not a number", _REDO_TRIAL)
+        out.append(rec)
+    return out
+
+
+def _read_config(st: Storage) -> dict | None:
+    if not st.is_file("config.yaml"):
+        return None
+    try:
+        cfg = yaml.safe_load(st.read_bytes("config.yaml"))
+    except yaml.YAMLError as e:
+        raise _damaged(st, ("config.yaml",), f"not valid YAML: {' '.join(str(e).split())}",
+                       _rewrite("config.yaml")) from None
+    if isinstance(cfg, dict) and not isinstance(cfg.get("data") or {}, dict):
+        raise _damaged(st, ("config.yaml",), "its data section is not a mapping", _rewrite("config.yaml"))
+    return cfg if isinstance(cfg, dict) else None
 
 
 def _trial_row(rec: Any, plan_cell: dict) -> dict:
@@ -93,12 +235,16 @@ def load_results(path: Any) -> pd.DataFrame:
     (cache / live / ""), start_time (UTC), the shared costs teacher_{wall,cpu,gpu}_s and cache_{wall,cpu,gpu}_s, and
     hp_<name> per hyper-parameter. ``df.attrs``: ``plan`` (plan.json as a dict, or None), ``config`` (config.yaml
     as a dict, or None), ``costs``, ``unattributed`` (shared cost on no row) and ``sweep_dir``.
+
+    A damaged plan.json, costs.json, config.yaml or trial record (not valid JSON/YAML, cut short, not the shape the
+    sweep writes) raises :class:`ResultsError`: one line naming the file and what to do.
     """
     st = open_sweep(path)
-    plan_json = _read_json(st, PLAN_FILE)
-    plan = Plan.from_json(plan_json or {})
+    plan_json, plan = _read_plan(st)
+    costs = _read_costs(st)
+    cfg = _read_config(st)
     by_id = {c.id: c.to_json() for c in plan.cells}
-    rows = [_trial_row(rec, by_id.get(rec.cell, {})) for rec in TrialStore(st).records()]
+    rows = [_trial_row(rec, by_id.get(rec.cell, {})) for rec in _read_records(st)]
     df = pd.DataFrame(rows, columns=list(rows[0]) if rows else [*CELL_KEYS, "trial_id", "status", "error"])
     for c in ("dev_acc", "test_acc", "wall_s", "cpu_s", "gpu_s", "rate", "gamma2"):
         if c not in df:
@@ -106,12 +252,9 @@ def load_results(path: Any) -> pd.DataFrame:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
     df["start_time"] = pd.to_datetime(pd.to_numeric(df.get("start_time", pd.Series(index=df.index, dtype=float)),
                                                     errors="coerce"), unit="s", utc=True)
-    costs = _read_json(st, "costs.json") or {}
     df, unattributed = _split_shared_costs(df, costs)
     df = df.sort_values(["cell", "start_time", "trial_id"], na_position="last", kind="stable").reset_index(drop=True)
-    cfg = yaml.safe_load(st.read_bytes("config.yaml")) if st.is_file("config.yaml") else None
-    df.attrs.update(plan=plan_json, config=cfg if isinstance(cfg, dict) else None, costs=costs,
-                    unattributed=unattributed, sweep_dir=st.uri())
+    df.attrs.update(plan=plan_json, config=cfg, costs=costs, unattributed=unattributed, sweep_dir=st.uri())
     return df
 
 

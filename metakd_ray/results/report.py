@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from metakd_ray.results.load import cells, load_results, open_sweep
+from metakd_ray.results.load import ResultsError, cells, load_results, open_sweep
 from metakd_ray.results.plots import gamma2_curve, scarcity_curve, write
 from metakd_ray.results.tables import paper_table
 from metakd_ray.storage import Storage
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         written, cell_df = _report(run_dir, None)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ResultsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

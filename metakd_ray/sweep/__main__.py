@@ -1,4 +1,9 @@
-"""``python -m metakd_ray.sweep CONFIG [key=value ...] [--dry-run [--json]]``: run a sweep (see the package doc)."""
+"""``python -m metakd_ray.sweep CONFIG [key=value ...] [--dry-run [--json]]``: run a sweep (see the package doc).
+
+``--dry-run`` runs the preflight checks the run starts with (``metakd_ray.preflight``: storage root, data, models,
+cluster address) and prints the plan with its cost estimate; it exits 2, with ``error: <line>`` per problem, when
+the run would fail them. Nothing is written.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,14 @@ import json
 import sys
 
 from metakd_ray import config as C
+from metakd_ray import preflight
 from metakd_ray.sweep.plan import format_plan, make_plan
 
 
-def domain_sizes(cfg: C.Config) -> dict[str, int] | None:
-    """Training examples per domain, or None when the data cannot be read (the plan does not need it; its
-    estimate does)."""
-    from metakd_ray import data as D
-
-    try:
-        splits = D.load_splits(cfg.data)
-    except (D.DataError, OSError):
-        return None
-    doms = splits["train"]["domain"]
-    return {d: doms.count(d) for d in splits.domains}
+def _fail(errors: list[str]) -> int:
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,17 +27,21 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Run a sweep: teachers (Ray Train), caches (Ray Data), trials (Ray Tune)")
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
-    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    ap.add_argument("--dry-run", action="store_true", help="check everything, print the plan and exit")
     ap.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
     args = ap.parse_intermixed_args(argv)
     try:
         cfg = C.load(args.config, args.overrides)
     except C.ConfigError as e:
-        for line in e.errors:
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+        return _fail(e.errors)
     if args.dry_run:
-        p = make_plan(cfg, domain_sizes(cfg))
+        found = preflight.findings(cfg, cluster=True)
+        if found.errors:
+            return _fail(found.errors)
+        try:
+            p = make_plan(cfg, found.domain_sizes)
+        except ValueError as e:  # a plan-time rule preflight does not know yet: still one line, exit 2
+            return _fail([preflight.one_line(e)])
         print(json.dumps(p.to_json(), default=str) if args.json else format_plan(p))
         return 0
     from metakd_ray.raycluster import UnsatisfiableResources
@@ -46,9 +49,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return run(cfg)
+    except preflight.PreflightError as e:
+        return _fail(e.errors)
     except (SweepConflict, UnsatisfiableResources) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail([str(e)])
 
 
 if __name__ == "__main__":

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from typing import Any
+import signal
+import sys
+import threading
+from typing import Any, Iterator, Sequence
 
 from metakd_ray import config as C
 from metakd_ray.storage import Storage
 from metakd_ray.sweep.plan import PLAN_FILE, Cell, Plan, format_compute, make_plan, plan_waves
-from metakd_ray.sweep.records import TrialStore, error_line, trial_key
+from metakd_ray.sweep.records import ERROR, OK, TrialStore, error_line, trial_key
 
 METRIC, MODE = "dev_acc", "max"
 
@@ -81,12 +85,22 @@ def record_tune_errors(grid: Any, store: TrialStore) -> None:
 
 def check_same_sweep(cfg: C.Config, storage: Storage) -> None:
     """Re-running a sweep resumes it; a *changed* config under the same name would mix results, so refuse. Only
-    ``ray`` and ``storage`` settings (where and how it runs) may change between runs."""
+    ``ray`` and ``storage`` settings (where and how it runs) may change between runs. A sweep that has produced
+    nothing yet (no plan, no trial: its first run stopped before the trials) may change freely."""
     if not storage.is_file("sweeps", cfg.name, "config.yaml"):
+        return
+    if not storage.is_file("sweeps", cfg.name, PLAN_FILE) and not storage.listdir("sweeps", cfg.name, "trials"):
         return
     import yaml
 
-    old = yaml.safe_load(storage.read_bytes("sweeps", cfg.name, "config.yaml"))
+    try:
+        old = yaml.safe_load(storage.read_bytes("sweeps", cfg.name, "config.yaml"))
+    except yaml.YAMLError as e:
+        raise SweepConflict(f"{storage.uri('sweeps', cfg.name, 'config.yaml')} is damaged ({type(e).__name__}); "
+                            "restore it or give the sweep another name (name=...)") from None
+    if not isinstance(old, dict):
+        raise SweepConflict(f"{storage.uri('sweeps', cfg.name, 'config.yaml')} is damaged (not a mapping); restore "
+                            "it or give the sweep another name (name=...)")
     new = C.to_dict(cfg)
     for section in ("ray", "storage"):  # where and how it runs, not what it computes
         old.pop(section, None)
@@ -118,11 +132,126 @@ def absolute_paths(cfg: C.Config) -> C.Config:
 
 
 def _read_json(storage: Storage, *parts: str) -> Any:
-    return storage.read_json(*parts) if storage.is_file(*parts) else None
+    """A JSON file of the sweep, None if absent; a damaged one raises ``SweepConflict`` naming it (one line)."""
+    if not storage.is_file(*parts):
+        return None
+    try:
+        out = storage.read_json(*parts)
+    except ValueError as e:
+        raise SweepConflict(f"{storage.uri(*parts)} is damaged ({type(e).__name__}: {str(e)[:120]}); remove it and "
+                            "rerun (the trials' own records are kept)") from None
+    if not isinstance(out, dict):
+        raise SweepConflict(f"{storage.uri(*parts)} is damaged (not a JSON object); remove it and rerun (the trials' "
+                            "own records are kept)")
+    return out
+
+
+_HANDLER = None  # the driver's signal handler while ``interrupts()`` is active
+
+
+def rearm_sigterm() -> None:
+    """Put the driver's SIGTERM handler back: ``ray.init`` replaces it with one that calls ``sys.exit``."""
+    if _HANDLER is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _HANDLER)
+
+
+@contextlib.contextmanager
+def interrupts() -> Iterator[dict]:
+    """SIGINT and SIGTERM raise ``KeyboardInterrupt`` in the driver's main thread (the dict yielded records which
+    signal came first). Ray Tune's own SIGINT handler, which ends ``fit()`` quietly as if the trials were done, is
+    switched off (``TUNE_DISABLE_SIGINT_HANDLER``); Ray Train installs none (``teacher.job.fit_off_main_thread``).
+    Outside the main thread (a test calling ``run`` from a thread) nothing is installed."""
+    got: dict = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def handler(signum, frame):
+        got.setdefault("signum", signum)
+        raise KeyboardInterrupt
+
+    global _HANDLER
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    _HANDLER = handler
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    for sig in old:
+        signal.signal(sig, handler)
+    try:
+        yield got
+    finally:
+        _HANDLER = None
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        if env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env
 
 
 def run(cfg: C.Config) -> int:
-    """The whole sweep; returns the exit status.
+    """The whole sweep, guarded: the checks of :mod:`metakd_ray.preflight` first (nothing is written when they
+    fail), then the sweep's lock (a second driver on the same sweep is refused, naming the first), then
+    :func:`run_locked`. Ctrl-C or SIGTERM at any stage stops it within seconds, exit 128 + the signal (130 for
+    Ctrl-C): every finished artefact, trial record and unfinished trial's state is kept for the rerun. Returns the
+    exit status; one ``error:`` line per problem on stderr for what the user must fix (2)."""
+    from metakd_ray import preflight
+    from metakd_ray.cache.store import CacheError
+    from metakd_ray.locks import LockHeld, sweep_lock
+    from metakd_ray.raycluster import UnsatisfiableResources, check_resources, connect_ray
+    from metakd_ray.results.load import ResultsError
+    from metakd_ray.training import CheckpointError
+
+    cfg = absolute_paths(cfg)
+    storage = Storage(cfg.storage.root)
+    with interrupts() as got:
+        try:
+            preflight.check(cfg, cluster=True)
+            check_same_sweep(cfg, storage)
+            connect_ray(cfg)
+            rearm_sigterm()
+            check_resources(cfg)  # a request no node can ever hold fails here, with the numbers
+            lock = sweep_lock(storage, cfg.name).acquire(wait=False)  # the first file this run writes
+            try:
+                return run_locked(cfg, storage)
+            finally:
+                lock.release()
+        except KeyboardInterrupt:
+            signum = got.get("signum", signal.SIGINT)
+            _stop_ray()
+            print(f"[sweep] interrupted ({signal.Signals(signum).name}); rerun the same command to resume",
+                  file=sys.stderr, flush=True)
+            return 128 + int(signum)
+        except preflight.PreflightError as e:
+            for line in e.errors:
+                print(f"error: {line}", file=sys.stderr)
+            return 2
+        except (LockHeld, SweepConflict, UnsatisfiableResources) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except (CacheError, CheckpointError, ResultsError) as e:  # nothing half-written counts as done
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+
+
+def _stop_ray() -> None:
+    """End this driver's Ray work now (its trials and workers stop with it), ignoring a second Ctrl-C."""
+    import ray
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if threading.current_thread() is \
+        threading.main_thread() else None
+    try:
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001  (best effort on the way out)
+        pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def run_locked(cfg: C.Config, storage: Storage) -> int:
+    """The whole sweep, under its lock; returns the exit status.
 
     Teachers first (Ray Train), then the cells in *waves*: a wave's caches (Ray Data) are built, then its trials run
     (one Tune experiment per wave). One wave holds as many consecutive cells as their caches' estimated size allows
@@ -131,16 +260,10 @@ def run(cfg: C.Config) -> int:
     by the first run (``plan.json``); a rerun skips the waves that finished."""
     import datasets
 
-    from metakd_ray.raycluster import check_resources, connect_ray
     from metakd_ray.sweep.stages import build_caches, build_teachers, cache_budget, cache_groups
 
-    cfg = absolute_paths(cfg)
     datasets.disable_progress_bars()
-    storage = Storage(cfg.storage.root)
     sweep = ("sweeps", cfg.name)
-    check_same_sweep(cfg, storage)
-    connect_ray(cfg)
-    check_resources(cfg)  # before any work: a request no node can ever hold fails here, with the numbers
     resolve_gpu_precision(cfg)
     p = make_plan(cfg)
     print(f"[sweep] precision: {format_compute(p.compute)}", flush=True)
@@ -175,6 +298,13 @@ def run(cfg: C.Config) -> int:
         if len(waves) > 1:
             print(f"[sweep] {label}: {len(wave.cells)} cells", flush=True)
         run_trials(cfg, [p.cell(cid) for cid in wave.cells], storage, experiment=wave.experiment)
+        open_cells = unfinished_cells(TrialStore(storage.sub(*sweep)), wave.cells, cfg.sweep.trials_per_cell)
+        if open_cells:  # Tune returned with trials not ended: the wave is not done; a rerun resumes them
+            print(f"[sweep] {label}: {len(open_cells)} cells have trials that did not end "
+                  f"({', '.join(open_cells[:3])}{', ...' if len(open_cells) > 3 else ''}); rerun the same command "
+                  "to resume them", file=sys.stderr, flush=True)
+            report(storage.uri(*sweep))
+            return 1
         p = dataclasses.replace(p, waves=tuple(dataclasses.replace(w, done=True) if w is wave else w
                                                for w in p.waves))
         storage.write_json(p.to_json(), *sweep, PLAN_FILE)
@@ -182,6 +312,16 @@ def run(cfg: C.Config) -> int:
     if dropped:
         print(f"[sweep] removed {len(dropped)} training states of failed or superseded trials", flush=True)
     return report(storage.uri(*sweep))
+
+
+def unfinished_cells(store: TrialStore, cell_ids: Sequence[str], trials_per_cell: int) -> list[str]:
+    """The cells of ``cell_ids`` with fewer than ``trials_per_cell`` trials that ended (finished, or failed for
+    good), from the sweep's own trial records."""
+    ended: dict[str, int] = {}
+    for rec in store.records():
+        if rec.status in (OK, ERROR):
+            ended[rec.cell] = ended.get(rec.cell, 0) + 1
+    return [cid for cid in cell_ids if ended.get(cid, 0) < trials_per_cell]
 
 
 def resolve_gpu_precision(cfg: C.Config) -> None:
@@ -211,7 +351,12 @@ def report(sweep_dir: str) -> int:
         print(f"  {name}: {path}")
     summary = cells(load_results(sweep_dir))
     failed = summary[summary["status"] == "failed"]
+    pending = summary[summary["status"] == "pending"]
     for _, row in failed.iterrows():
         print(f"[sweep] cell {row['cell']} failed: {row['error']}", flush=True)
-    print(f"[sweep] {int((summary['status'] == 'ok').sum())}/{len(summary)} cells ok, {len(failed)} failed")
-    return 1 if len(failed) else 0
+    for _, row in pending.iterrows():
+        print(f"[sweep] cell {row['cell']} did not finish ({int(row['n_trials'])} of its trials started); rerun "
+              "the same command to resume it", flush=True)
+    print(f"[sweep] {int((summary['status'] == 'ok').sum())}/{len(summary)} cells ok, {len(failed)} failed"
+          + (f", {len(pending)} not finished" if len(pending) else ""), flush=True)
+    return 1 if len(failed) or len(pending) else 0

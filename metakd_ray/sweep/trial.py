@@ -24,6 +24,7 @@ import functools
 import io
 import os
 import resource
+import signal
 import time
 from typing import Any
 
@@ -33,15 +34,17 @@ import yaml
 from metakd_ray import cell as CELL
 from metakd_ray import config as C
 from metakd_ray import data as D
+from metakd_ray import faults
 from metakd_ray import models as M
 from metakd_ray.distill import LiveTeacher, Stage
+from metakd_ray.faults import FAULTS_ENV
 from metakd_ray.runtime import CPU_FP32, Runtime, runtime_for
 from metakd_ray.storage import Storage
 from metakd_ray.sweep.plan import Cell
 from metakd_ray.sweep.records import TrialRecord, TrialStore, error_line, trial_key
+from metakd_ray.training import load_state
 
 FINAL = "final"
-FAULTS_ENV = "METAKD_FAULTS"
 
 
 def cell_config(trial_config: dict) -> C.Config:
@@ -80,7 +83,10 @@ class TrialCheckpointer:
         self.progress, self.stage, self.store, self.record = progress, stage, store, record
 
     def load(self) -> dict | None:
-        return self.progress["states"].get(self.stage.name)
+        state = self.progress["states"].get(self.stage.name)
+        if state is not None and not state.get("complete"):  # resumed mid-stage: say from where, in the final report
+            self.progress.setdefault("resumed", {})[self.stage.name] = int(state.get("epoch", -1)) + 1
+        return state
 
     def save(self, state: dict, metrics: dict) -> None:
         from ray import tune
@@ -99,6 +105,7 @@ class TrialCheckpointer:
         self.store.write_state(key, buf.getvalue())  # first the state, then the record, then the report
         self.record[0] = self.record[0].reported(self.stage.name, metrics["epoch"], dev)
         self.store.write(self.record[0])
+        kill_fault(self.record[0])
         tune.report({"dev_acc": dev, "phase": self.stage.name, "epoch": metrics["epoch"],
                      **{k: v for k, v in metrics.items() if k.startswith("train_")}})
 
@@ -124,12 +131,19 @@ def open_teacher_source(cfg: C.Config, c: Cell, runtime: Runtime = CPU_FP32) -> 
     return LiveTeacher(model, g, dropout=cfg.distill.teacher_dropout), scores
 
 
+def kill_fault(record: TrialRecord) -> None:
+    """``METAKD_FAULTS="kill=<s>"``: the first attempt of a trial whose cell id contains ``<s>`` SIGKILLs its own
+    process right after saving its first epoch (a node or OOM kill mid-training; tests of the retry from state)."""
+    rule = faults.rules().get("kill")
+    if rule and rule in record.cell and record.attempts == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def inject_fault(config: dict, attempt: int) -> None:
     """Fault injection for tests of retries and failed cells: ``METAKD_FAULTS="once=<s>;always=<s>"`` makes a
     trial whose cell id contains ``<s>`` raise at its start — ``once``: on its first attempt only, ``always``: on
-    every attempt. Unset in normal use."""
-    spec = os.environ.get(FAULTS_ENV, "")
-    rules = dict(part.split("=", 1) for part in spec.split(";") if "=" in part)
+    every attempt (``kill=<s>``: see :func:`kill_fault`). Unset in normal use."""
+    rules = faults.rules()
     cell = config["cell"]
     if rules.get("always") and rules["always"] in cell:
         raise RuntimeError(f"injected failure ({FAULTS_ENV}=always) in cell {cell}")
@@ -162,14 +176,14 @@ def _train(config: dict, c: Cell, store: TrialStore, record: list[TrialRecord], 
             "test_acc": run.test_accuracy[c.domain], "wall_s": wall, "cpu_s": _cpu_seconds() - c0,
             "gpu_s": wall * gpus, "n_train": len(data.train), "teacher_key": c.teacher_key,
             "cache_key": c.cache_key, "teacher_source": teacher.kind if teacher is not None else "",
-            "device": runtime.device.type, "precision": runtime.precision}
+            "device": runtime.device.type, "precision": runtime.precision,
+            "resumed": dict(progress.get("resumed", {}))}  # stage -> the epoch a retry resumed at
 
 
 def run_trial(config: dict) -> None:
     """Ray Tune function trainable: one student trial of one cell (see the module docstring)."""
-    from ray import tune
-
     import datasets
+    from ray import tune
 
     datasets.disable_progress_bars()
     c = Cell.from_json(config)
@@ -184,7 +198,7 @@ def run_trial(config: dict) -> None:
     record = [rec.started(tune.get_context().get_trial_id(), config.get("experiment") or "tune")]
     store.write(record[0])
     raw = store.read_state(key)
-    progress = (torch.load(io.BytesIO(raw), weights_only=False) if raw is not None
+    progress = (load_state(raw, f"the saved state of trial {key}") if raw is not None
                 else {"states": {}, "best_dev": float("-inf")})
     try:
         inject_fault(config, record[0].attempts)

@@ -238,17 +238,95 @@ def teacher_fingerprint(loc: TeacherLocation) -> dict[str, str]:
     return {"weights": digest(weights), "tokenizer": digest(toks) if toks else ""}
 
 
+def _safetensors_damage(path: Path) -> str | None:
+    """Why the safetensors file at ``path`` is damaged (cut short, a header that does not parse, a size that is not
+    the one its header gives), or None if its structure is whole. Reads the header only."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes: too short for a safetensors file"
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return f"{size} bytes, less than its header length {n} says: cut short, or not a safetensors file"
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "its header is not a safetensors header"
+    want = 8 + n + end
+    if size != want:
+        return f"{size} bytes where its header gives {want}: {'cut short' if size < want else 'bytes beyond its end'}"
+    return None
+
+
+def _damaged_file(model_dir: Path) -> tuple[Path, str] | None:
+    """The first file of an exported teacher (``model/``) that is visibly damaged, and why; None if none is."""
+    import zipfile
+
+    for f in sorted((model_dir / "encoder").glob("*.safetensors")):
+        why = _safetensors_damage(f)
+        if why:
+            return f, why
+    for name in ("heads.json", "encoder/config.json"):
+        f = model_dir / name
+        if not f.is_file():
+            return f, "missing"
+        try:
+            json.loads(f.read_bytes())
+        except ValueError:
+            return f, "not valid JSON"
+    heads = model_dir / "heads.pt"
+    if not heads.is_file():
+        return heads, "missing"
+    if not zipfile.is_zipfile(heads):
+        return heads, "not a PyTorch archive (cut short?)"
+    return None
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What loading a damaged export raises (transformers, safetensors, torch.load, json)."""
+    import pickle
+
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, EOFError, KeyError,
+                                               pickle.UnpicklingError)
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # older safetensors: its errors are among the above
+        return errors
+    return (*errors, SafetensorError)
+
+
 def load_teacher(storage: Storage, key: str) -> tuple[Any, Any, dict]:
-    """(model in eval mode, tokenizer, manifest) of the finished teacher ``teachers/<key>``."""
+    """(model in eval mode, tokenizer, manifest) of the finished teacher ``teachers/<key>``.
+
+    A damaged artefact (a weight file cut short or not its format, a manifest that does not parse) raises
+    :class:`metakd_ray.models.ModelLoadError`: one line naming the file and saying to remove the teacher's
+    directory so that it is trained again."""
     from transformers import AutoTokenizer
 
-    from metakd_ray.models import load_task_model
+    from metakd_ray.models import ModelLoadError, load_task_model
 
-    art = finished_teacher(storage, key)
+    retrain = (f"remove {storage.uri(TEACHERS, key)} to retrain it (the next sweep run, or "
+               "python -m metakd_ray.teacher CONFIG, trains it again)")
+    try:
+        art = finished_teacher(storage, key)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ModelLoadError(f"{storage.uri(TEACHERS, key, MANIFEST)}: damaged teacher manifest (not valid JSON: "
+                             f"{' '.join(str(e).split())}); {retrain}") from None
     if art is None:
         raise TeacherNotFound(f"{storage.uri(TEACHERS, key)}: no {MANIFEST}; the teacher is missing or unfinished "
                               "(python -m metakd_ray.teacher CONFIG makes it)")
     with storage.local_copy(TEACHERS, key, MODEL_DIR) as d:
-        model = load_task_model(d)
-        tokenizer = AutoTokenizer.from_pretrained(str(d / "encoder"))
+        try:
+            model = load_task_model(d)
+            tokenizer = AutoTokenizer.from_pretrained(str(d / "encoder"))
+        except _load_errors() as e:
+            bad = _damaged_file(d)
+            if bad is not None:
+                where = storage.uri(TEACHERS, key, MODEL_DIR, bad[0].relative_to(d).as_posix())
+                raise ModelLoadError(f"{where}: damaged teacher file ({bad[1]}); {retrain}") from None
+            cause = " ".join(str(e).split())
+            raise ModelLoadError(f"{storage.uri(TEACHERS, key, MODEL_DIR)}: the teacher could not be loaded "
+                                 f"({type(e).__name__}: {cause}); if its files are damaged, {retrain}") from e
     return model.eval(), tokenizer, art.manifest

@@ -18,10 +18,10 @@ and runs it in the precision the driver resolved (``spec.precision``).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -40,14 +40,27 @@ from metakd_ray import config as C
 from metakd_ray import data as D
 from metakd_ray import models as M
 from metakd_ray.data.batching import EpochSampler, lengths_of
+from metakd_ray.locks import teacher_lock
 from metakd_ray.runtime import runtime_for
 from metakd_ray.storage import Storage
-from metakd_ray.teacher.artefact import (MANIFEST, MODEL_DIR, PROTOTYPE_FILE, TEACHERS, TeacherArtefact, TeacherSpec,
-                                         check_worker_split, finished_teacher, model_location, prototype_parts,
-                                         read_prototype_scores, teacher_fingerprint, teacher_identity,
-                                         write_prototype_scores)
+from metakd_ray.teacher.artefact import (
+    MANIFEST,
+    MODEL_DIR,
+    PROTOTYPE_FILE,
+    TEACHERS,
+    TeacherArtefact,
+    TeacherSpec,
+    check_worker_split,
+    finished_teacher,
+    model_location,
+    prototype_parts,
+    read_prototype_scores,
+    teacher_fingerprint,
+    teacher_identity,
+    write_prototype_scores,
+)
 from metakd_ray.teacher.model import build_teacher, pool_prototype_scores, teacher_logits, train_teacher
-from metakd_ray.training import accuracy_by_domain, set_seed
+from metakd_ray.training import accuracy_by_domain, load_state, set_seed
 
 RUN_NAME = "train"  # the Ray Train run: teachers/<key>/train/ (same name and path = resume)
 STATE_FILE = "state.pt"
@@ -89,7 +102,7 @@ def latest_stored_state(storage: Storage, key: str) -> dict | None:
     if not names:
         return None
     raw = storage.read_bytes(TEACHERS, key, RUN_NAME, max(names), STATE_FILE)
-    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+    return load_state(raw, storage.uri(TEACHERS, key, RUN_NAME, max(names), STATE_FILE))
 
 
 def _rekey(state: dict, fn: Callable[[str], str]) -> dict:
@@ -123,7 +136,7 @@ class RayCheckpointer:
         ckpt = ray.train.get_checkpoint()
         if ckpt is not None:
             with ckpt.as_directory() as d:
-                state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+                state = load_state(os.path.join(d, STATE_FILE), f"teacher {self.key}'s checkpoint")
         else:
             state = latest_stored_state(self.storage, self.key)
         if state is None:
@@ -209,6 +222,29 @@ def train_loop_per_worker(config: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def fit_off_main_thread(trainer: TorchTrainer):
+    """``trainer.fit()`` in a helper thread. From the main thread, Ray Train V2 installs a SIGINT handler that stays
+    installed after ``fit()`` returns and swallows every later Ctrl-C of the sweep (ray guide); from another thread
+    it installs none (as under Tune). The main thread waits in short joins, so Ctrl-C and SIGTERM reach it as
+    ``KeyboardInterrupt`` at once; the run's actors end with the driver, and its last checkpoint is where a rerun
+    resumes."""
+    out: dict = {}
+
+    def target() -> None:
+        try:
+            out["result"] = trainer.fit()
+        except BaseException as e:  # re-raised on the main thread
+            out["error"] = e
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
 def fit(cfg: C.Config, spec: TeacherSpec, storage: Storage, inputs: Callable[[C.Config], TeacherInputs], *,
         epoch_hook: Callable[[dict], None] | None = None, max_failures: int = 1) -> tuple[dict, dict]:
     """Run (or resume) the Ray Train run of ``spec``; return (the final checkpoint's full state, rank 0's return
@@ -228,11 +264,11 @@ def fit(cfg: C.Config, spec: TeacherSpec, storage: Storage, inputs: Callable[[C.
                              storage_filesystem=storage.fs, checkpoint_config=CheckpointConfig(num_to_keep=1),
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
-    result = trainer.fit()
+    result = fit_off_main_thread(trainer)
     state = None
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+            state = load_state(os.path.join(d, STATE_FILE), f"teacher {spec.key}'s checkpoint")
     else:  # local mode after a run that had nothing left to train: no report, no Result.checkpoint
         state = latest_stored_state(storage, spec.key)
     if state is None:
@@ -266,9 +302,18 @@ def ensure_teacher(cfg: C.Config, spec: TeacherSpec, storage: Storage, *,
     done = finished_teacher(storage, spec.key)
     if done is not None:
         return done
-    return make_teacher(cfg, spec, storage, inputs=inputs or load_inputs, log=log, epoch_hook=epoch_hook,
-                        max_failures=cfg.ray.train_max_failures if max_failures is None else max_failures,
-                        keep_checkpoints=keep_checkpoints)
+    # One builder per teacher: a driver building it holds the lock; wait, then use what it exported.
+    lock = teacher_lock(storage, spec.key).acquire(
+        wait=True, say=lambda m: (log or (lambda e: None))({"teacher": spec.key, "event": "waiting", "message": m}))
+    try:
+        done = finished_teacher(storage, spec.key)
+        if done is not None:
+            return done
+        return make_teacher(cfg, spec, storage, inputs=inputs or load_inputs, log=log, epoch_hook=epoch_hook,
+                            max_failures=cfg.ray.train_max_failures if max_failures is None else max_failures,
+                            keep_checkpoints=keep_checkpoints)
+    finally:
+        lock.release()
 
 
 def make_teacher(cfg: C.Config, spec: TeacherSpec, storage: Storage, *, inputs: Callable[[C.Config], TeacherInputs],
