@@ -106,10 +106,36 @@ def node_shapes() -> tuple[list[dict[str, float]], list[dict[str, float]] | None
     return alive, types
 
 
-def check_resources(cfg: C.Config) -> None:
+def starts_local(cfg: C.Config) -> bool:
+    """Whether :func:`connect_ray` will start an embedded Ray on this machine (not join a cluster)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    return address == "local" or (not address and running_cluster() is None)
+
+
+def local_shape(cfg: C.Config) -> dict[str, float]:
+    """The one node an embedded Ray will have: ``ray.num_cpus`` (0 = this machine's) CPUs and this machine's
+    GPUs (what Ray would detect)."""
+    gpus = 0
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        pass
+    return {"CPU": float(cfg.ray.num_cpus or os.cpu_count() or 1), "GPU": float(gpus)}
+
+
+def check_resources(cfg: C.Config, shapes: tuple[list[dict[str, float]], list[dict[str, float]] | None] | None = None
+                    ) -> None:
     """Fail before any work when a stage's worker cannot be placed on any node this cluster has or (with an
-    autoscaler) could add: one line with the numbers. Call with Ray connected."""
-    alive, types = node_shapes()
+    autoscaler) could add: one line with the numbers. ``shapes``: (alive nodes, autoscaler node types or None);
+    default: asked of the connected Ray (:func:`node_shapes`); before an embedded Ray starts,
+    ``([local_shape(cfg)], None)`` answers in milliseconds instead of after Ray's start-up."""
+    alive, types = shapes if shapes is not None else node_shapes()
     shapes = alive + (types or [])
 
     def fits(req: dict[str, float], shape: dict[str, float]) -> bool:

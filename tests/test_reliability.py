@@ -241,7 +241,7 @@ def test_fault_two_drivers_on_one_sweep_and_two_sweeps_sharing_teachers(project,
 def test_fault_gpu_request_on_a_cpu_only_cluster_fails_fast(project):
     t0 = time.time()
     r = run(project, "name=gpu", "ray.use_gpu=true", "ray.train_workers=1", timeout=60)
-    assert time.time() - t0 < 45
+    assert time.time() - t0 < 15  # checked against this machine before an embedded Ray even starts
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "GPU" in errors[0], r.stderr

@@ -198,7 +198,8 @@ def run(cfg: C.Config) -> int:
     from metakd_ray import preflight
     from metakd_ray.cache.store import CacheError
     from metakd_ray.locks import LockHeld, sweep_lock
-    from metakd_ray.raycluster import UnsatisfiableResources, check_resources, connect_ray
+    from metakd_ray.raycluster import (UnsatisfiableResources, check_resources, connect_ray, local_shape,
+                                       starts_local)
     from metakd_ray.results.load import ResultsError
     from metakd_ray.training import CheckpointError
 
@@ -208,6 +209,8 @@ def run(cfg: C.Config) -> int:
         try:
             preflight.check(cfg, cluster=True)
             check_same_sweep(cfg, storage)
+            if starts_local(cfg):  # an embedded Ray: its one node is this machine, known before it starts
+                check_resources(cfg, ([local_shape(cfg)], None))
             connect_ray(cfg)
             rearm_sigterm()
             check_resources(cfg)  # a request no node can ever hold fails here, with the numbers
