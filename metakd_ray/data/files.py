@@ -18,13 +18,18 @@ class DataError(ValueError):
     """Data is missing or malformed. The message is one line: what was looked at, and how to get it."""
 
 
+def read_bytes(path: Path) -> bytes:
+    """A data file's bytes; DataError (one line) when it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from e
+
+
 def _read_text(path: Path) -> str:
     """A text file's content (UTF-8, a byte-order mark dropped); DataError naming the line of the first byte that
     is not UTF-8."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from e
+    data = read_bytes(path)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:

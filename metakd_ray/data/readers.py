@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from metakd_ray.config import DataConfig, TableConfig
-from metakd_ray.data.files import DataError, _read_text, _require_columns, read_records  # noqa: F401
+from metakd_ray.data.files import DataError, _read_text, _require_columns, read_bytes, read_records  # noqa: F401
 
 SENTIMENT_LABELS: tuple[str, ...] = ("negative", "positive")
 NLI_LABELS: tuple[str, ...] = ("entailment", "neutral", "contradiction")  # the Hugging Face multi_nli order
@@ -90,10 +90,7 @@ def parse_reviews(raw: str) -> list[Review]:
 
 
 def _read_review_text(path: Path) -> str:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from e
+    data = read_bytes(path)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
