@@ -29,7 +29,7 @@ from metakd_ray import models as M
 from metakd_ray.data.batching import EpochSampler, by_length, lengths_of
 from metakd_ray.distill import Stage, TeacherSource, distill, student_logits
 from metakd_ray.runtime import CPU_FP32, Runtime
-from metakd_ray.training import Checkpointer, StageResult, accuracy_by_domain
+from metakd_ray.training import Checkpointer, Predictions, StageResult, predict
 
 # Batch size of every evaluation and inference pass (dev/test accuracy, prototype features): no gradients, so
 # larger than a training batch; results do not depend on it.
@@ -178,6 +178,7 @@ class StudentRun:
     student: M.Student
     stages: list[StageResult]
     test_accuracy: dict[str, float]  # the target's test accuracy (and "mean", the same value)
+    test_predictions: Predictions  # per test example, in the test loader's order
 
 
 def train_student(cfg: C.Config, data: StudentData, student: M.Student, method: str, teacher: TeacherSource | None,
@@ -194,5 +195,5 @@ def train_student(cfg: C.Config, data: StudentData, student: M.Student, method: 
     stages = distill(student, method, teacher, loader(data.train, collate, cfg.distill.batch_size, seed, cfg.compute),
                      eval_loader(data.dev, collate), cfg.distill, domain_names=domains, seed=seed,
                      checkpoint_dir=checkpoint_dir, checkpointer=checkpointer, log=log, runtime=runtime)
-    test = accuracy_by_domain(student, eval_loader(data.test, collate), domains, student_logits, runtime=runtime)
-    return StudentRun(student, stages, test)
+    preds = predict(student, eval_loader(data.test, collate), student_logits, runtime=runtime)
+    return StudentRun(student, stages, preds.accuracy_by_domain(domains), preds)

@@ -136,10 +136,12 @@ class Lock:
     def _read_lease(self) -> dict | None:
         if not self.storage.is_file(LOCKS, self.name):
             return None
-        try:
-            return json.loads(self.storage.read_bytes(LOCKS, self.name))
-        except (ValueError, OSError):
-            return None
+        for attempt in range(3):  # a store without atomic writes may show a lease mid-write: read it again
+            try:
+                return json.loads(self.storage.read_bytes(LOCKS, self.name))
+            except (ValueError, OSError):
+                time.sleep(0.05 * (attempt + 1))
+        return None
 
     def _try_lease(self) -> dict | None:
         current = self._read_lease()

@@ -96,27 +96,54 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, total_steps
     return opt, sched
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """Per-example outputs of a model on a loader, in the loader's order. Shapes: ``[N]`` for ``ids`` (strings),
+    ``labels``, ``preds``, ``domain_ids``; ``probs`` ``[N, C]`` float32 (softmax computed in fp32)."""
+
+    ids: list[str]
+    labels: np.ndarray
+    preds: np.ndarray
+    probs: np.ndarray
+    domain_ids: np.ndarray
+
+    def accuracy_by_domain(self, domain_names: tuple[str, ...]) -> dict[str, float]:
+        """Accuracy per domain present (keyed by name) and their unweighted ``mean``."""
+        hits = self.preds == self.labels
+        acc = {domain_names[d]: float(hits[self.domain_ids == d].mean()) for d in sorted(set(self.domain_ids.tolist()))}
+        acc["mean"] = float(np.mean(list(acc.values()))) if acc else float("nan")
+        return acc
+
+
 @torch.no_grad()
+def predict(model: nn.Module, loader: Iterable[dict], logits_fn: Callable[[nn.Module, dict], torch.Tensor], *,
+            runtime: Runtime = CPU_FP32) -> Predictions:
+    """Forward passes over ``loader`` on ``runtime``'s device and in its precision (``model`` must be on that
+    device); the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    ids: list[str] = []
+    labels, probs, domains = [], [], []
+    for batch in loader:
+        with runtime.autocast():
+            logits = logits_fn(model, runtime.to_device(batch))
+        probs.append(logits.float().softmax(-1).cpu())
+        labels.append(batch["labels"].cpu())
+        domains.append(batch["domain_ids"].cpu())
+        ids.extend(str(i) for i in batch.get("ids", [""] * len(batch["labels"])))
+    model.train(was_training)
+    p = torch.cat(probs).numpy().astype(np.float32) if probs else np.zeros((0, 0), np.float32)
+    return Predictions(ids=ids, labels=torch.cat(labels).numpy().astype(np.int64) if labels else np.zeros(0, np.int64),
+                       preds=p.argmax(-1).astype(np.int64) if len(p) else np.zeros(0, np.int64), probs=p,
+                       domain_ids=torch.cat(domains).numpy().astype(np.int64) if domains else np.zeros(0, np.int64))
+
+
 def accuracy_by_domain(model: nn.Module, loader: Iterable[dict], domain_names: tuple[str, ...],
                        logits_fn: Callable[[nn.Module, dict], torch.Tensor], *,
                        runtime: Runtime = CPU_FP32) -> dict[str, float]:
     """Accuracy per domain present in ``loader`` (keyed by name) and their unweighted ``mean``; forward passes on
     ``runtime``'s device and in its precision (``model`` must be on that device)."""
-    was_training = model.training
-    model.eval()
-    correct: dict[int, int] = {}
-    total: dict[int, int] = {}
-    for batch in loader:
-        with runtime.autocast():
-            logits = logits_fn(model, runtime.to_device(batch))
-        ok = (logits.argmax(-1).cpu() == batch["labels"]).tolist()
-        for d, hit in zip(batch["domain_ids"].tolist(), ok):
-            correct[d] = correct.get(d, 0) + int(hit)
-            total[d] = total.get(d, 0) + 1
-    model.train(was_training)
-    acc = {domain_names[d]: correct[d] / total[d] for d in sorted(total)}
-    acc["mean"] = float(np.mean(list(acc.values()))) if acc else float("nan")
-    return acc
+    return predict(model, loader, logits_fn, runtime=runtime).accuracy_by_domain(domain_names)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -98,6 +98,62 @@ def test_embedded_sweep_gives_one_row_per_planned_trial(project, embedded):
     assert len(list((project / "runs" / "caches").glob("*/manifest.json"))) == 2
 
 
+PIPELINE = r'''
+import importlib.abc, json, sys
+
+class NoMetaKD(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "metakd_ray" or name.startswith("metakd_ray."):
+            raise ImportError("a kept student must not need metakd_ray")
+        return None
+
+sys.meta_path.insert(0, NoMetaKD())
+from transformers import pipeline
+
+out = {}
+for folder, texts in json.load(open(sys.argv[1])).items():
+    pipe = pipeline("text-classification", model=folder, trust_remote_code=True, top_k=None)
+    got = [pipe(t) for t in texts]
+    got = [g[0] if g and isinstance(g[0], list) else g for g in got]  # one text -> [[...]] in some versions
+    out[folder] = [{r["label"]: r["score"] for r in g} for g in got]
+json.dump(out, open(sys.argv[2], "w"))
+'''
+
+
+@pytest.mark.timeout(480)
+def test_each_cell_keeps_its_selected_student_loadable_in_plain_transformers(project, embedded, tmp_path):
+    """``storage.keep_students: selected`` (default): one student per cell — its dev-selected trial's — and its
+    predictions as the trial recorded them, through transformers' pipeline in a process without metakd_ray."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    assert embedded.returncode == 0, embedded.stdout[-3000:] + embedded.stderr[-3000:]
+    d = sweep_dir(project, "embedded")
+    df = load_results(d)
+    c = result_cells(df)
+    kept = sorted(p.name for p in (d / "students").iterdir())
+    assert kept == sorted(c["trial_key"]) and len(kept) == 2  # the other trial of each cell was removed
+    assert set(df.loc[~df["trial_key"].isin(kept), "student_dir"]) == {""}
+    for _, row in c.iterrows():
+        assert f"cell {row['cell']}: test {row['test_acc']:.3f}, student {row['student_dir']}" in embedded.stdout
+        assert row["student_bytes"] > 0 and 0 < row["n_params"] < row["teacher_params"]
+    test = pd.read_csv(project / "corpus" / "test.csv")
+    texts = dict(zip((f"test/{i:06d}" for i in test.index), test["text"]))
+    preds = {row["student_dir"]: pq.read_table(d / "trials" / f"{row['trial_key']}.predictions.parquet").to_pandas()
+             for _, row in c.iterrows()}
+    (tmp_path / "cases.json").write_text(json.dumps({k: [texts[i] for i in p["id"]] for k, p in preds.items()}))
+    (tmp_path / "pipe.py").write_text(PIPELINE)
+    r = subprocess.run([sys.executable, str(tmp_path / "pipe.py"), str(tmp_path / "cases.json"),
+                        str(tmp_path / "out.json")], env={**env(), "HF_MODULES_CACHE": str(tmp_path / "hf")},
+                       capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    labels = json.loads((d / "students" / kept[0] / "config.json").read_text())["id2label"]
+    for folder, got in json.loads((tmp_path / "out.json").read_text()).items():
+        probs = np.array([[g[labels[str(j)]] for j in range(len(labels))] for g in got])
+        # the trials ran in the sweep's precision (bf16 autocast on a CPU with native bf16), the pipeline in fp32
+        assert np.abs(probs - np.stack(preds[folder]["probs"])).max() < 0.02
+
+
 @pytest.mark.timeout(600)
 def test_same_config_same_numbers(project, embedded, tmp_path):
     """The toy sweep again, from nothing (its own storage root: new teachers, caches, trials) and with the

@@ -67,7 +67,8 @@ def test_trial_in_real_tune_writes_its_final_record_and_a_restart_reports_it(ray
     storage = Storage(cfg.storage.root)
     storage.write_bytes(C.to_yaml(cfg).encode(), "sweeps", "s", "config.yaml")
     cell = Cell("beta", 1.0, "none/finetune", 0)
-    space = {**cell.to_json(), "hp": {"stage2_lr": 0.003}, "slot": 0, "storage_root": storage.uri(), "sweep": "s"}
+    space = {**cell.to_json(), "hp": {"stage2_lr": 0.003}, "slot": 0, "storage_root": storage.uri(), "sweep": "s",
+             "precision": "fp32"}
 
     def fit(experiment: str):
         tuner = tune.Tuner(tune.with_resources(run_trial, {"cpu": 1}), param_space={**space, "experiment": experiment},
@@ -86,9 +87,46 @@ def test_trial_in_real_tune_writes_its_final_record_and_a_restart_reports_it(ray
     assert rec.final == {k: first.metrics[k] for k in rec.final}  # what Tune got is the record
     assert store.read_state(rec.key) is None  # the training state is gone once the trial is done
     assert yaml.safe_load((tmp_path / "proj" / "runs" / "sweeps" / "s" / "config.yaml").read_text())["name"]
+    check_kept_outputs(tmp_path / "proj", storage.sub("sweeps", "s"), rec)
     # the same trial again (a restored searcher suggesting it under a new id): no training, the record reported
     second = fit("tune-again")
     (again,) = store.records()
     assert again == rec  # untouched: not started again
     assert {k: second.metrics[k] for k in rec.final} == rec.final
     assert second.metrics["trial_id"] != rec.trial_id
+
+
+def check_kept_outputs(project, sweep: Storage, rec: TrialRecord) -> None:
+    """A finished trial's predictions, resolved config and exported student (``sweep/students.py``): the student is
+    the one that made the predictions (fp32 here: same probabilities to 1e-5), and they give its test accuracy."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from metakd_ray.sweep import students as S
+
+    final = rec.final
+    preds = pq.read_table(io.BytesIO(sweep.read_bytes("trials", f"{rec.key}{S.PREDICTIONS_SUFFIX}"))).to_pandas()
+    test = pd.read_csv(project / "corpus" / "test.csv")
+    test = test[test["domain"] == "beta"]
+    assert sorted(preds["id"]) == sorted(f"test/{i:06d}" for i in test.index)
+    assert (preds["pred"] == preds["label"]).mean() == pytest.approx(final["test_acc"], abs=1e-12)
+    assert all(abs(sum(p) - 1) < 1e-5 for p in preds["probs"])
+    resolved = yaml.safe_load(sweep.read_bytes("trials", f"{rec.key}{S.CONFIG_SUFFIX}"))
+    assert resolved["cell"]["method"] == "none/finetune" and resolved["hp"] == {"stage2_lr": 0.003}
+    assert resolved["config"]["distill"]["stage2_lr"] == 0.003 and C.from_dict(resolved["config"])
+    folder = sweep.local_path("students", rec.key)
+    assert final["student_dir"] == str(folder) and final["student_bytes"] == sweep.tree_size("students", rec.key) > 0
+    assert 0 < final["n_params"] < final["teacher_params"]
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
+    assert sum(p.numel() for p in model.parameters()) == final["n_params"]
+    texts = dict(zip((f"test/{i:06d}" for i in test.index), test["text"]))
+    with torch.no_grad():
+        probs = [model(**tok(texts[i], truncation=True, return_tensors="pt")).logits.softmax(-1)[0]
+                 for i in preds["id"]]
+    assert torch.allclose(torch.stack(probs), torch.from_numpy(np.stack(preds["probs"])), atol=1e-5)

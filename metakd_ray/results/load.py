@@ -18,7 +18,7 @@ import yaml
 
 from metakd_ray.storage import Storage
 from metakd_ray.sweep.plan import PLAN_FILE, Plan
-from metakd_ray.sweep.records import ERROR, OK, TRIALS, TrialRecord
+from metakd_ray.sweep.records import ERROR, OK, STUDENT_DONE, STUDENTS, TRIALS, TrialRecord
 
 CELL_KEYS = ("cell", "domain", "rate", "method", "seed", "gamma2")
 COSTS = ("wall_s", "cpu_s", "gpu_s")
@@ -198,6 +198,8 @@ def _trial_row(rec: Any, plan_cell: dict) -> dict:
         "n_train": final.get("n_train"), "wall_s": wall, "cpu_s": final.get("cpu_s"), "gpu_s": final.get("gpu_s"),
         "teacher_key": final.get("teacher_key") or "", "cache_key": final.get("cache_key") or "",
         "teacher_source": final.get("teacher_source") or "", "start_time": rec.start_time,
+        "n_params": final.get("n_params"), "teacher_params": final.get("teacher_params"),
+        "student_dir": final.get("student_dir") or "", "student_bytes": final.get("student_bytes"),
     }
     for k, v in (rec.hp or {}).items():
         row[f"hp_{k}"] = v
@@ -232,7 +234,9 @@ def load_results(path: Any) -> pd.DataFrame:
     its last attempt failed, RUNNING = started, not ended), error (the exception line of the last failed attempt of
     an ERROR trial, else ""), n_failures (failed attempts, a later success included), phase, epoch, dev_acc,
     test_acc (NaN until the final report), n_train, wall_s, cpu_s, gpu_s, teacher_key, cache_key, teacher_source
-    (cache / live / ""), start_time (UTC), the shared costs teacher_{wall,cpu,gpu}_s and cache_{wall,cpu,gpu}_s, and
+    (cache / live / ""), start_time (UTC), n_params (the exported student's parameters), teacher_params,
+    student_dir (the URI of the trial's exported student; "" when it was not kept, see ``storage.keep_students``),
+    student_bytes (its size on storage), the shared costs teacher_{wall,cpu,gpu}_s and cache_{wall,cpu,gpu}_s, and
     hp_<name> per hyper-parameter. ``df.attrs``: ``plan`` (plan.json as a dict, or None), ``config`` (config.yaml
     as a dict, or None), ``costs``, ``unattributed`` (shared cost on no row) and ``sweep_dir``.
 
@@ -245,8 +249,13 @@ def load_results(path: Any) -> pd.DataFrame:
     cfg = _read_config(st)
     by_id = {c.id: c.to_json() for c in plan.cells}
     rows = [_trial_row(rec, by_id.get(rec.cell, {})) for rec in _read_records(st)]
+    kept = {k for k in st.listdir(STUDENTS) if st.is_file(STUDENTS, k, STUDENT_DONE)} if rows else set()
+    for row in rows:  # a student removed since (storage.keep_students: selected) has no folder any more
+        if row["student_dir"] and row["trial_key"] not in kept:
+            row["student_dir"] = ""
     df = pd.DataFrame(rows, columns=list(rows[0]) if rows else [*CELL_KEYS, "trial_id", "status", "error"])
-    for c in ("dev_acc", "test_acc", "wall_s", "cpu_s", "gpu_s", "rate", "gamma2"):
+    for c in ("dev_acc", "test_acc", "wall_s", "cpu_s", "gpu_s", "rate", "gamma2", "n_params", "teacher_params",
+              "student_bytes"):
         if c not in df:
             df[c] = float("nan")
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
@@ -271,7 +280,9 @@ def cells(df: pd.DataFrame, plan: dict | None = None) -> pd.DataFrame:
     The selected trial is the finished trial (final report) with the best dev_acc, ties to the earliest
     started; its test_acc is the cell's score. status: "ok" (a finished trial), "failed" (none finished and none
     still to come: ``error`` lists its trials' errors), "pending" (otherwise). Costs are summed over the cell's trials.
-    gamma2 is the axis value (NaN when gamma2 is not an axis).
+    gamma2 is the axis value (NaN when gamma2 is not an axis). The selected trial's ``trial_key``,
+    ``student_dir`` (the cell's model: a stock transformers folder), ``n_params``, ``teacher_params`` and
+    ``student_bytes`` are the cell's.
     """
     p = Plan.from_json(plan if plan is not None else (df.attrs.get("plan") or {}))
     planned = [c.to_json() for c in p.cells]
@@ -301,13 +312,16 @@ def cells(df: pd.DataFrame, plan: dict | None = None) -> pd.DataFrame:
                      "test_acc": best["test_acc"] if best is not None else float("nan"),
                      "dev_acc": best["dev_acc"] if best is not None else float("nan"),
                      "trial_id": best["trial_id"] if best is not None else "",
+                     **{c: (best.get(c, "") if best is not None else "") for c in ("trial_key", "student_dir")},
+                     **{c: (best.get(c, float("nan")) if best is not None else float("nan"))
+                        for c in ("n_params", "teacher_params", "student_bytes")},
                      "n_trials": len(g), "n_done": len(done), "n_failed": len(failed),
                      "error": "; ".join(errors),
                      **{c: float(g[c].sum(skipna=True)) for c in (*COSTS, *SHARED_COSTS) if c in g},
                      **{c: (best[c] if best is not None else float("nan")) for c in hp_cols}})
     out = pd.DataFrame(rows, columns=list(rows[0]) if rows else [*CELL_KEYS, "status", "test_acc", "n_trials"])
     out.attrs.update(df.attrs)
-    for c in ("rate", "test_acc", "dev_acc", "gamma2"):
+    for c in ("rate", "test_acc", "dev_acc", "gamma2", "n_params", "teacher_params", "student_bytes"):
         if c in out:
             out[c] = pd.to_numeric(out[c], errors="coerce").astype(float)
     return out

@@ -22,6 +22,8 @@ from typing import Any, Mapping
 from metakd_ray.storage import Storage, hash_json
 
 TRIALS = "trials"
+STUDENTS = "students"  # students/<key>/: the trial's exported student (sweep/students.py)
+STUDENT_DONE = "metakd_export.json"  # written last into an export (metakd_ray.export.METADATA_FILE)
 RUNNING, OK, ERROR = "running", "ok", "error"
 
 

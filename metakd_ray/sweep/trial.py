@@ -15,7 +15,11 @@ Reported metrics: every epoch ``dev_acc`` (best target-domain dev accuracy so fa
 before it), ``phase`` (stage name), ``epoch``, ``train_*``; the last report ``phase: "final"``, ``test_acc``,
 ``dev_acc``, ``wall_s``, ``cpu_s``, ``gpu_s``, ``n_train``, ``teacher_key``, ``cache_key``, ``teacher_source``
 (``cache``, ``live``, or ``""`` without a teacher), ``device`` and ``precision`` (what the student ran with).
-``gpu_s`` counts the GPU share the trial held (``ray.trial_gpus``), not whole GPUs.
+``gpu_s`` counts the GPU share the trial held (``ray.trial_gpus``), not whole GPUs. The final report also gives
+``n_params`` (the exported student's parameters), ``teacher_params`` (the teacher encoder's and its classifier's),
+``student_dir`` and ``student_bytes`` (where the dev-best student was exported, and its size; ``""``/0 with
+``storage.keep_students: none``). Before its final record the trial writes its test predictions, resolved config
+and student (``sweep/students.py``).
 """
 
 from __future__ import annotations
@@ -170,14 +174,41 @@ def _train(config: dict, c: Cell, store: TrialStore, record: list[TrialRecord], 
     run = CELL.train_student(cfg, data, student, method, teacher, tokenizer=tokenizer, domains=splits.domains,
                              seed=c.seed, runtime=runtime,
                              checkpointer=lambda stage: TrialCheckpointer(progress, stage, store, record))
+    dev, test = max(progress["best_dev"], 0.0), run.test_accuracy[c.domain]
+    kept = keep_outputs(config, cfg, c, store, record[0].key, run, tokenizer, splits.label_names,
+                        {"dev_acc": dev, "test_acc": test, "teacher_key": c.teacher_key})
     wall = time.time() - t0
     gpus = float(tune.get_context().get_trial_resources().required_resources.get("GPU", 0.0))
-    return {"dev_acc": max(progress["best_dev"], 0.0), "phase": FINAL, "epoch": -1,
-            "test_acc": run.test_accuracy[c.domain], "wall_s": wall, "cpu_s": _cpu_seconds() - c0,
+    return {"dev_acc": dev, "phase": FINAL, "epoch": -1,
+            "test_acc": test, "wall_s": wall, "cpu_s": _cpu_seconds() - c0,
             "gpu_s": wall * gpus, "n_train": len(data.train), "teacher_key": c.teacher_key,
             "cache_key": c.cache_key, "teacher_source": teacher.kind if teacher is not None else "",
             "device": runtime.device.type, "precision": runtime.precision,
-            "resumed": dict(progress.get("resumed", {}))}  # stage -> the epoch a retry resumed at
+            "teacher_params": M.param_count(encoder) + (encoder.config.hidden_size + 1) * splits.num_labels,
+            **kept, "resumed": dict(progress.get("resumed", {}))}  # stage -> the epoch a retry resumed at
+
+
+def keep_outputs(config: dict, cfg: C.Config, c: Cell, store: TrialStore, key: str, run: CELL.StudentRun,
+                 tokenizer: Any, label_names: tuple[str, ...], scores: dict) -> dict:
+    """Write the trial's test predictions, resolved config and (``storage.keep_students``) exported student
+    (``sweep/students.py``); returns the final report's ``n_params`` (the exported student's), ``student_dir``
+    and ``student_bytes``."""
+    from metakd_ray.export import build_hf_model
+    from metakd_ray.sweep import students as S
+
+    sweep = store.storage
+    S.write_predictions(sweep, key, run.test_predictions)
+    hp = dict(config.get("hp") or {})
+    S.write_config(sweep, key, {"cell": c.to_json(), "slot": int(config["slot"]), "hp": hp,
+                                "config": C.to_dict(cfg)})
+    n_params = sum(p.numel() for p in build_hf_model(run.student, label_names).parameters())
+    student_dir, size = "", 0
+    if cfg.storage.keep_students != "none":
+        meta = {"sweep": config["sweep"], "trial_key": key, "cell": c.id, "domain": c.domain, "rate": c.rate,
+                "method": c.method, "seed": c.seed, "gamma2": c.gamma2, "hp": hp, **scores}
+        student_dir, size = S.export_to(sweep, key, run.student, tokenizer, label_names,
+                                        max_length=cfg.data.max_length, metadata=meta)
+    return {"n_params": int(n_params), "student_dir": student_dir, "student_bytes": int(size)}
 
 
 def run_trial(config: dict) -> None:
