@@ -4,10 +4,12 @@
 loadable only through ``metakd_ray``. :func:`export_student` writes what a user ships instead::
 
     <directory>/
-      config.json            MetaKDStudentConfig: the encoder's BertConfig + metakd_pooling, id2label/label2id,
+      config.json            MetaKDStudentConfig: encoder_config (the encoder's own config, with its model_type:
+                             bert, roberta, electra, distilbert, deberta-v2, ...), metakd_pooling,
+                             classifier_dropout, id2label/label2id,
                              auto_map -> modeling_metakd.{MetaKDStudentConfig, MetaKDStudentForSequenceClassification}
       modeling_metakd.py     copied from metakd_ray/hf_student/ (imports only torch and transformers)
-      model.safetensors      encoder (as ``bert.*``) and classifier weights
+      model.safetensors      encoder (as ``encoder.*``) and classifier weights
       tokenizer.json, tokenizer_config.json, ...   the tokenizer (model_max_length capped, see below)
       metakd_export.json     label names, pooling, parameter count, max_length, source metadata, versions
 
@@ -20,13 +22,17 @@ Design:
 * Custom code through transformers' documented convention: the two classes are registered with
   ``register_for_auto_class``, so ``save_pretrained`` copies ``modeling_metakd.py`` into the folder and writes
   ``auto_map`` into ``config.json``. The export is then checked for both.
-* Only the student's inference path is exported: encoder -> pooling (``Student.pooling``) -> dropout ->
-  ``Student.classifier`` (``Student.forward``'s logits). ``W_h``, the domain head and ``W_d`` only serve the
-  distillation losses and are left out; an encoder pooler, if any, is unused by the student and left out too.
+* Every encoder family metakd_ray trains (``models/families.py``) exports the same way: the modeling file builds
+  the encoder with ``AutoModel.from_config`` from ``encoder_config``. Format 2; format 1 (``bert.*`` weights, a
+  flat BertConfig) was BERT-only, and its folders keep loading with the modeling file they carry.
+* Only the student's inference path is exported: encoder -> pooling (``Student.pooling``; for ``cls`` also
+  ``Student.pooler``, as ``pooler.*``) -> dropout -> ``Student.classifier`` (``Student.forward``'s logits). ``W_h``,
+  the domain head and ``W_d`` only serve the distillation losses and are left out; an encoder's own pooler, if any,
+  is unused by the student (a ``cls`` student has its own, trained) and left out too.
   Weights are copied with strict ``load_state_dict``, so a missing or extra tensor fails the export.
 * The tokenizer's ``model_max_length`` is capped at ``max_length`` (the training ``data.max_length`` when the
-  caller passes it) and at the encoder's position embeddings, so ``truncation=True`` yields inputs the model
-  can take and that look like the ones it was trained on.
+  caller passes it) and at what the encoder's position embeddings take (``families.max_tokens``), so
+  ``truncation=True`` yields inputs the model can take and that look like the ones it was trained on.
 * Atomic (``training.atomic_export``): everything is written to a temporary folder beside ``directory`` and
   renamed into place; an older export is replaced only once the new one is complete, and a failure leaves no
   partial folder behind.
@@ -48,19 +54,20 @@ from metakd_ray.hf_student.modeling_metakd import (
     MetaKDStudentConfig,
     MetaKDStudentForSequenceClassification,
 )
+from metakd_ray.models import families
 from metakd_ray.training import atomic_export
 
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2
 METADATA_FILE = "metakd_export.json"
 MODELING_FILE = "modeling_metakd.py"
 AUTO_MAP = {
     "AutoConfig": "modeling_metakd.MetaKDStudentConfig",
     "AutoModelForSequenceClassification": "modeling_metakd.MetaKDStudentForSequenceClassification",
 }
-# Encoder config entries that describe the encoder as a checkpoint rather than its shape; the export sets its own.
-_DROP_CONFIG_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "id2label",
-                     "label2id", "num_labels", "problem_type", "dtype", "torch_dtype", "_commit_hash",
-                     "metakd_pooling", "classifier_dropout")
+# Encoder config entries that describe the encoder as a checkpoint or a task model rather than its shape; the
+# export's own config holds the task's.
+_DROP_CONFIG_KEYS = ("architectures", "auto_map", "transformers_version", "_name_or_path", "id2label", "label2id",
+                     "num_labels", "problem_type", "dtype", "torch_dtype", "_commit_hash")
 
 
 def _check_labels(label_names: Sequence[str], num_labels: int) -> tuple[str, ...]:
@@ -74,13 +81,12 @@ def _check_labels(label_names: Sequence[str], num_labels: int) -> tuple[str, ...
 
 
 def _encoder_of(student: nn.Module) -> nn.Module:
-    from transformers import BertModel
-
     encoder = student.encoder
     encoder = encoder.module if hasattr(encoder, "module") else encoder  # unwrap DistributedDataParallel
-    if not isinstance(encoder, BertModel):
-        raise TypeError(f"export_student supports BERT encoders (transformers.BertModel, e.g. MiniLM); this student's "
-                        f"encoder is a {type(encoder).__name__}")
+    try:
+        families.family_of(encoder)
+    except families.UnsupportedFamily as e:
+        raise TypeError(f"export_student: this student's encoder (a {type(encoder).__name__}) {e}") from None
     return encoder
 
 
@@ -99,13 +105,17 @@ def build_hf_model(student: nn.Module, label_names: Sequence[str]) -> MetaKDStud
         raise ValueError(f"student pooling {pooling!r}; expected one of {POOLING_MODES}")
     settings = {k: v for k, v in encoder.config.to_dict().items() if k not in _DROP_CONFIG_KEYS}
     config = MetaKDStudentConfig(
-        metakd_pooling=pooling, classifier_dropout=float(student.dropout.p),
+        encoder_config=json.loads(json.dumps(settings)), metakd_pooling=pooling,
+        classifier_dropout=float(student.dropout.p),
         id2label={i: n for i, n in enumerate(names)}, label2id={n: i for i, n in enumerate(names)},
-        architectures=[MetaKDStudentForSequenceClassification.__name__], **settings)
+        architectures=[MetaKDStudentForSequenceClassification.__name__])
     model = MetaKDStudentForSequenceClassification(config)
     encoder_state = {k: v.detach().cpu() for k, v in encoder.state_dict().items() if not k.startswith("pooler.")}
-    model.bert.load_state_dict(encoder_state, strict=True)
+    model.encoder.load_state_dict(encoder_state, strict=True)
     model.classifier.load_state_dict({k: v.detach().cpu() for k, v in classifier.state_dict().items()}, strict=True)
+    if model.pooler is not None:  # cls pooling: the student's [CLS] pooler
+        model.pooler.load_state_dict({k: v.detach().cpu() for k, v in student.pooler.state_dict().items()},
+                                     strict=True)
     dtype = next((v.dtype for v in encoder_state.values() if v.is_floating_point()), torch.float32)
     return model.to(dtype).eval()  # the encoder's weight dtype (float32 for every student trained here)
 
@@ -145,7 +155,7 @@ def export_student(student: nn.Module, tokenizer: Any, directory: str | Path, la
     """
     model = build_hf_model(student, label_names)
     source = json.loads(json.dumps(dict(extra_metadata or {}), default=str))  # fail here, not half-way through
-    limit = model.config.max_position_embeddings
+    limit = families.max_tokens(model.encoder.config)
     if max_length is not None:
         if max_length < 2:
             raise ValueError(f"max_length={max_length}; expected at least 2 ([CLS] and [SEP])")

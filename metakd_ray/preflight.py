@@ -9,10 +9,11 @@ tokenizers only (no weights).
 * storage: a local ``storage.root`` is a writable directory or can be created; a URI opens (``FileSystem.from_uri``).
 * data: ``load_splits(cfg.data)`` reads; every domain has rows of every class in train, dev and test; and every
   class of each trained domain survives in each training pool the sweep subsamples (sample rate x seed).
-* models: the teacher (and a ``pretrained`` student) config and tokenizer load; BERT-family only; the student's
+* models: the teacher (and a ``pretrained`` student) config and tokenizer load; supported families only; the student's
   layers exist in the teacher; equal head counts for the attention loss; the tokenizer fits the vocabulary;
   ``data.max_length`` fits the position embeddings. Always: a mix/mtl/meta teacher has at least 2 domains.
 * cluster (``cluster=True``): a remote ``ray.address`` (else ``$RAY_ADDRESS``) accepts a TCP connection within 3 s.
+* tracking: each tracker in ``storage.tracking`` has its package (and mlflow a usable store): ``tracking.check``.
 """
 
 from __future__ import annotations
@@ -31,9 +32,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 if TYPE_CHECKING:
     from metakd_ray import config as C
 
-# Model types whose Hugging Face encoder has the layout models/encoders.py works on: ``encoder.layer`` (a list of
-# layers, kept or dropped to build a student) with a ``query``/``key`` self-attention per layer (attention scores).
-BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "electra", "camembert", "ernie")
 MULTI_DOMAIN_KINDS = ("mix", "mtl", "meta")
 CONNECT_TIMEOUT_S = 3.0
 URI_TIMEOUT_S = 10.0
@@ -61,8 +59,7 @@ class Findings:
 def check(cfg: C.Config, *, data: bool = True, models: bool = True, storage: bool = True,
           cluster: bool = False) -> None:
     """Raise :class:`PreflightError` listing every problem of ``cfg`` the chosen checks find (see the module doc)."""
-    found = findings(cfg, data=data, models=models, storage=storage, cluster=cluster)
-    if found.errors:
+    if (found := findings(cfg, data=data, models=models, storage=storage, cluster=cluster)).errors:
         raise PreflightError(found.errors)
 
 
@@ -71,6 +68,8 @@ def findings(cfg: C.Config, *, data: bool = True, models: bool = True, storage: 
     """The checks of :func:`check`, returning what they found instead of raising."""
     out = Findings()
     out.errors += _guarded("sweep.methods", method_errors, cfg)
+    from metakd_ray.tracking import check as tracking_errors  # no metakd_ray.config (see the imports)
+    out.errors += _guarded("storage.tracking", lambda c: tracking_errors(c.storage.tracking, c.storage.root), cfg)
     if storage:
         out.errors += _guarded("storage.root", storage_errors, cfg.storage.root)
     if data:
@@ -105,8 +104,7 @@ def _with_timeout(fn: Callable[[], Any], seconds: float) -> tuple[bool, Any]:
         except Exception as e:  # noqa: BLE001 - handed to the caller
             box["value"] = e
 
-    t = threading.Thread(target=target, daemon=True, name="metakd-preflight")
-    t.start()
+    (t := threading.Thread(target=target, daemon=True, name="metakd-preflight")).start()
     t.join(seconds)
     return ("value" in box), box.get("value")
 
@@ -124,8 +122,7 @@ def method_errors(cfg: C.Config) -> list[str]:
     targets = cfg.sweep.target_domains or cfg.data.domains
     out = []
     for method in cfg.sweep.methods:
-        kind = method.split("/")[0]
-        if kind not in MULTI_DOMAIN_KINDS:
+        if (kind := method.split("/")[0]) not in MULTI_DOMAIN_KINDS:
             continue
         used = [_teacher_domains(kind, t, cfg.data.domains, cfg.teacher.exclude_target) for t in targets]
         if any(len(d) < 2 for d in used):
@@ -238,8 +235,7 @@ def pool_errors(cfg: C.Config, train: Any, present: dict[str, set[int]], labels:
             pool = D.subsample(train, rate, seed, only_domains=only)
             kept = set(zip(D.column(pool, "domain"), D.column(pool, "label")))
             for d in (d for d in cfg.data.domains if d in trained):
-                missing = sorted(y for y in present.get(d, ()) if (d, y) not in kept)
-                if missing:
+                if missing := sorted(y for y in present.get(d, ()) if (d, y) not in kept):
                     errors.append(
                         f"sweep.sample_rates: rate {rate:g} with seed {seed} leaves domain {d!r} no "
                         f"{', '.join(repr(labels[y]) for y in missing)} training rows (data.scarcity: "
@@ -274,6 +270,7 @@ def _load(setting: str, name: str, errors: list[str]) -> tuple[Any, Any] | None:
     """(config, tokenizer) of model ``name`` (``default``, a directory or a hub id) for ``setting``; None after
     appending the reason to ``errors``."""
     from metakd_ray.models.encoders import ModelLoadError, resolve_model
+    from metakd_ray.models.families import local_model_type, unsupported_family
 
     allowed = "allowed: 'default', a local model directory, or a hub id in the local Hugging Face cache"
     try:
@@ -281,16 +278,17 @@ def _load(setting: str, name: str, errors: list[str]) -> tuple[Any, Any] | None:
     except ModelLoadError as e:
         errors.append(f"{setting}: {one_line(e)}; {allowed}")
         return None
+    if why := unsupported_family(local_model_type(resolved)):  # a local config.json: even a type transformers lacks
+        errors.append(f"{setting}: {name!r} {why}")
+        return None
     try:
         mcfg = _pretrained("config", resolved)
     except Exception as e:  # noqa: BLE001 - OSError, ValueError, and whatever a broken config.json raises
         errors.append(f"{setting}: the config of {name!r} ({resolved}) cannot be loaded ({type(e).__name__}: "
                       f"{one_line(e)[:300]}); {allowed}")
         return None
-    model_type = getattr(mcfg, "model_type", "")
-    if model_type not in BERT_FAMILY:
-        errors.append(f"{setting}: {name!r} is a {model_type!r} model; allowed families: {', '.join(BERT_FAMILY)} "
-                      "(BERT-family encoders)")
+    if why := unsupported_family(mcfg):
+        errors.append(f"{setting}: {name!r} {why}")
         return None
     try:
         tokenizer = _pretrained("tokenizer", resolved)
@@ -307,18 +305,17 @@ def _load(setting: str, name: str, errors: list[str]) -> tuple[Any, Any] | None:
 def model_errors(cfg: C.Config) -> list[str]:
     """Teacher and student as the run would build them, from configs and tokenizers only (no weights)."""
     from metakd_ray.models.encoders import student_layer_map
+    from metakd_ray.models.families import max_tokens
 
     errors: list[str] = []
     m, s = cfg.model, cfg.model.student
-    loaded = _load("model.teacher", m.teacher, errors)
-    if loaded is None:
+    if (loaded := _load("model.teacher", m.teacher, errors)) is None:
         return errors
     tcfg, tokenizer = loaded
-    n, heads = tcfg.num_hidden_layers, tcfg.num_attention_heads
-    if cfg.data.max_length > tcfg.max_position_embeddings:
-        errors.append(f"data.max_length: {cfg.data.max_length} exceeds the {tcfg.max_position_embeddings} position "
-                      f"embeddings of model.teacher {m.teacher!r}; allowed: data.max_length <= "
-                      f"{tcfg.max_position_embeddings}")
+    n, heads, limit = tcfg.num_hidden_layers, tcfg.num_attention_heads, max_tokens(tcfg)  # RoBERTa: 2 fewer
+    if cfg.data.max_length > limit:
+        errors.append(f"data.max_length: {cfg.data.max_length} exceeds the {limit} positions model.teacher "
+                      f"{m.teacher!r} can encode; allowed: data.max_length <= {limit}")
     with_teacher = any(not meth.startswith("none/") for meth in cfg.sweep.methods)
     depth = len(s.layers) or s.num_layers
     layer_errors = [] if all(1 <= i <= n for i in s.layers) else [
@@ -329,8 +326,7 @@ def model_errors(cfg: C.Config) -> list[str]:
         layer_errors.append(f"model.student.num_layers: {s.num_layers} is not allowed; a student built from teacher "
                             f"layers has 1..{n} layers (model.teacher {m.teacher!r} has {n} layers)")
     elif s.source == "pretrained":
-        got = _load("model.student.path", s.path, errors)
-        if got is None:
+        if (got := _load("model.student.path", s.path, errors)) is None:
             return errors
         scfg, stok = got
         student_heads, heads_setting = scfg.num_attention_heads, "model.student.path"

@@ -18,7 +18,8 @@ RAY_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
 }
 # Passed on to the workers of an existing cluster when set here (an embedded Ray inherits the driver's environment).
-FORWARDED = ("METAKD_DATA", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_VERBOSITY", "TOKENIZERS_PARALLELISM")
+FORWARDED = ("METAKD_DATA", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_VERBOSITY", "TOKENIZERS_PARALLELISM",
+             "METAKD_VERBOSE", "HF_HUB_DISABLE_PROGRESS_BARS", "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL")
 
 
 def connect_ray(cfg: C.Config) -> str:
@@ -29,14 +30,28 @@ def connect_ray(cfg: C.Config) -> str:
     private instance with ``ray.num_cpus`` CPUs (0 = all). Clusters with token authentication (Ray's default) need
     ``RAY_AUTH_MODE=token`` in the environment before the first ``import ray`` (ray guide §5.2).
     """
+    how = _connect(cfg)
+    import ray.data  # noqa: F401  (configures its loggers: quiet them now)
+
+    from metakd_ray import logs
+
+    logs.quiet_driver()
+    return how
+
+
+def _connect(cfg: C.Config) -> str:
+    from metakd_ray import logs
+
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
     import ray
 
     if ray.is_initialized():
         return "existing"
+    level = "INFO" if logs.verbose() else "WARNING"
     # an embedded Ray's dashboard (and job server) answers on this machine only
-    local = {"address": "local", "num_cpus": cfg.ray.num_cpus or None, "dashboard_host": "127.0.0.1"}
+    local = {"address": "local", "num_cpus": cfg.ray.num_cpus or None, "dashboard_host": "127.0.0.1",
+             "logging_level": level}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
     if address == "local":
         ray.init(**local)
@@ -46,7 +61,7 @@ def connect_ray(cfg: C.Config) -> str:
         return "local"
     env = {k: os.environ[k] for k in (*RAY_ENV, *FORWARDED) if k in os.environ}
     try:
-        ray.init(address=address or "auto", runtime_env={"env_vars": env})
+        ray.init(address=address or "auto", runtime_env={"env_vars": env}, logging_level=level)
         return "cluster"
     except ConnectionError:
         if address:
@@ -77,14 +92,17 @@ class UnsatisfiableResources(ValueError):
 
 
 def stage_requests(cfg: C.Config) -> dict[str, dict[str, float]]:
-    """What one worker of each stage asks Ray for: ``{setting: {"CPU": n, "GPU": g}}``, keyed by the config
-    settings that size it."""
+    """What one worker of each stage asks Ray for (``RayConfig.requests``: ``{"CPU": n, "GPU": g, **custom}``),
+    keyed by the config settings that size it."""
     r = cfg.ray
-    out = {"ray.trial_cpus / ray.trial_gpus": {"CPU": r.trial_cpus, "GPU": r.gpus("trial")},
-           "ray.cpus_per_actor / ray.cache_gpus": {"CPU": r.cpus_per_actor, "GPU": r.gpus("cache")}}
-    if r.train_workers > 0:
-        out["ray.cpus_per_worker / ray.use_gpu"] = {"CPU": r.cpus_per_worker, "GPU": r.gpus("teacher")}
-    return out
+    keys = {"trial": "ray.trial_cpus / ray.trial_gpus", "cache": "ray.cpus_per_actor / ray.cache_gpus",
+            "teacher": "ray.cpus_per_worker / ray.use_gpu"}
+    return {keys[stage] + (f" / ray.{stage}_resources" if getattr(r, f"{stage}_resources") else ""):
+            r.requests(stage) for stage in ("trial", "cache", "teacher") if stage != "teacher" or r.train_workers > 0}
+
+
+# A node type whose shape is unknown (a Ray without the cluster-config call): it may hold any request.
+ANY_SHAPE = {"*": float("inf")}
 
 
 def node_shapes() -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
@@ -99,7 +117,7 @@ def node_shapes() -> tuple[list[dict[str, float]], list[dict[str, float]] | None
 
         config = state.get_cluster_config()
     except Exception:  # an older or newer Ray without this call: assume an autoscaler may help
-        return alive, [{"CPU": float("inf"), "GPU": float("inf")}]
+        return alive, [ANY_SHAPE]
     if config is None:
         return alive, None
     types = [dict(g.resources) for g in config.node_group_configs if g.max_count != 0]
@@ -139,22 +157,29 @@ def check_resources(cfg: C.Config, shapes: tuple[list[dict[str, float]], list[di
     shapes = alive + (types or [])
 
     def fits(req: dict[str, float], shape: dict[str, float]) -> bool:
-        return all(shape.get(k, 0.0) >= v - 1e-9 for k, v in req.items() if v > 0)
+        return all(shape.get(k, shape.get("*", 0.0)) >= v - 1e-9 for k, v in req.items() if v > 0)
+
+    def offer(shape: dict[str, float], custom: list[str]) -> str:  # "8 CPUs/0 GPUs/1 gpu_node"
+        return "/".join([f"{shape.get('CPU', 0):g} CPUs", f"{shape.get('GPU', 0):g} GPUs",
+                         *(f"{shape.get(k, 0):g} {k}" for k in custom)])
 
     for setting, req in stage_requests(cfg).items():
         if any(fits(req, s) for s in shapes):
             continue
         want = " and ".join(f"{v:g} {k}" for k, v in req.items() if v > 0)
+        custom = [k for k, v in req.items() if k not in ("CPU", "GPU") and v > 0]
         biggest = max(alive, key=lambda s: (s.get("GPU", 0.0), s.get("CPU", 0.0)), default={})
         cluster = (f"{len(alive)} node{'s' if len(alive) != 1 else ''}, "
                    f"{sum(s.get('CPU', 0.0) for s in alive):g} CPUs and {sum(s.get('GPU', 0.0) for s in alive):g} "
                    f"GPUs in all; the largest node has {biggest.get('CPU', 0.0):g} CPUs and "
                    f"{biggest.get('GPU', 0.0):g} GPUs")
+        cluster += "".join(f"; {sum(s.get(k, 0.0) > 0 for s in alive)} node(s) with {k}" for k in custom)
         scaler = ("no autoscaler" if types is None else
-                  "an autoscaler whose node types offer at most "
-                  + ", ".join(f"{t.get('CPU', 0):g} CPUs/{t.get('GPU', 0):g} GPUs" for t in types))
+                  "an autoscaler whose node types offer at most " + ", ".join(offer(t, custom) for t in types))
+        fix = (f" (the worker types of cluster/*.yaml advertise {', '.join(custom)}), or clear that *_resources "
+               "setting" if custom else "")
         raise UnsatisfiableResources(f"{setting}: a worker needs {want} on one node, which this cluster can never "
-                                     f"give ({cluster}; {scaler}); lower the setting or add such nodes")
+                                     f"give ({cluster}; {scaler}); lower the setting or add such nodes{fix}")
 
 
 def probe_gpu_bf16(gpus: float) -> bool:

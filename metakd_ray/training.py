@@ -240,6 +240,7 @@ def train_stage(
     set_epoch: Callable[[int], None] | None = None,
     extra_state: dict | None = None,
     runtime: Runtime = CPU_FP32,
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> StageResult:
     """Train ``model`` for one stage.
 
@@ -250,6 +251,7 @@ def train_stage(
     checkpoint found at the start resumes from the epoch after it; one marked ``complete`` (the summary kept for a
     finished stage whose weights a later stage carries on) returns at once. ``set_epoch`` lets a distributed
     sampler reshuffle per epoch. ``loss_fn(batch, generator)`` gets a seeded generator for its own sampling.
+    ``on_step(epoch, step_in_epoch, steps_per_epoch)`` after every optimisation step (progress displays).
     """
     try:
         steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
@@ -298,6 +300,8 @@ def train_stage(
             batches += 1
             if batches % TRIM_EVERY == 0:
                 release_memory()
+            if on_step is not None:
+                on_step(epoch, batches, steps_per_epoch)
             # summed on the device: no host sync per step
             sums["loss"] = sums.get("loss", 0.0) + terms.total.detach().float()
             for name, value in terms.terms.items():

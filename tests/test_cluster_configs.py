@@ -36,6 +36,7 @@ def prepared(raw: dict) -> dict:
 
 
 def load(name: str) -> tuple[dict, str]:
+    """``cluster/<name>.yaml`` (``kuberay/raycluster`` for KubeRay): (the parsed file, its text)."""
     text = (REPO / "cluster" / f"{name}.yaml").read_text()
     return yaml.safe_load(text), text
 
@@ -50,7 +51,7 @@ def test_launcher_config_validates_and_follows_the_sweep_layout(name):
     workers = {k: v for k, v in types.items() if k != cfg["head_node_type"]}
     assert workers and all(v["min_workers"] == 0 and 0 < v["max_workers"] <= cfg["max_workers"]
                            for v in workers.values())
-    assert any(v["resources"].get("GPU") for v in workers.values())  # the optional GPU type
+    assert any(v["resources"].get("GPU") for v in workers.values())  # the GPU type
     cheap = [v for v in workers.values() if "MarketType" in json.dumps(v["node_config"])
              or "preemptible" in json.dumps(v["node_config"])]
     assert len(cheap) == len(workers)  # every worker type is spot / preemptible
@@ -81,16 +82,16 @@ def test_kuberay_cluster_derives_a_valid_autoscaling_config():
     from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
     from ray.autoscaler._private.util import validate_config
 
-    cr, text = load("kuberay")
+    cr, text = load("kuberay/raycluster")
     assert cr["kind"] == "RayCluster" and cr["spec"]["enableInTreeAutoscaling"] is True
     cfg = _derive_autoscaling_config_from_ray_cr(cr)
     validate_config(cfg)
     types = cfg["available_node_types"]
     assert types["headgroup"]["resources"]["CPU"] == 0
-    assert (types["cpu"]["min_workers"], types["cpu"]["max_workers"]) == (0, 8)
+    assert (types["trial"]["min_workers"], types["trial"]["max_workers"]) == (0, 8)
     assert (types["gpu"]["min_workers"], types["gpu"]["resources"]["GPU"]) == (0, 1)
     assert cfg["idle_timeout_minutes"] == 5
-    assert "kubectl apply -f cluster/kuberay.yaml" in text and "ray job submit" in text
+    assert "kubectl apply -f cluster/kuberay/raycluster.yaml" in text and "ray job submit" in text
 
     bad = copy.deepcopy(cr)
     bad["spec"]["workerGroupSpecs"][0]["maxReplica"] = bad["spec"]["workerGroupSpecs"][0].pop("maxReplicas")

@@ -72,7 +72,7 @@ BAD = [
     ({"teacher": {"batch_size": 0}}, [], ["teacher.batch_size", "0", "[1, 65536]"]),
     ({"teacher": {"prototypes": "clas"}}, [], ["teacher.prototypes", "'clas'", "'class', 'domain'", "did you mean 'class'"]),
     ({"teacher": {"false_domain": "shuffle"}}, [], ["teacher.false_domain", "'uniform', 'permute'"]),
-    ({"model": {"pooling": "cls"}}, [], ["model.pooling", "'mean', 'reference'"]),
+    ({"model": {"pooling": "max"}}, [], ["model.pooling", "'mean', 'reference', 'cls'"]),
     ({"data": {"dataset": "imdb"}}, [], ["data.dataset", "'amazon', 'mnli', 'table'"]),
     ({"data": {"domains": ["books", "dvds"]}}, [], ["data.domains[1]", "'dvds'", "did you mean 'dvd'"]),
     ({"data": {"max_length": 2}}, [], ["data.max_length", "out of range"]),
@@ -141,7 +141,7 @@ DIRECT = [
     ("float-given-str", lambda: C.DistillConfig(gamma2="high"), {"distill": {"gamma2": "high"}}),
     ("list-given-str", lambda: C.DataConfig(domains="books"), {"data": {"domains": "books"}}),
     ("storage", lambda: C.StorageConfig(cache_max_gb=float("inf")), {"storage": {"cache_max_gb": float("inf")}}),
-    ("model", lambda: C.ModelConfig(pooling="cls"), {"model": {"pooling": "cls"}}),
+    ("model", lambda: C.ModelConfig(pooling="max"), {"model": {"pooling": "max"}}),
     ("several", lambda: C.DistillConfig(stages="three", temperature=0, stage2_epochs=0),
      {"distill": {"stages": "three", "temperature": 0, "stage2_epochs": 0}}),
 ]

@@ -103,14 +103,15 @@ def test_export_layout_and_metadata(exports):
         assert cfg["auto_map"] == AUTO_MAP and cfg["metakd_pooling"] == pooling
         assert cfg["id2label"] == {str(i): n for i, n in enumerate(labels)}
         assert cfg["label2id"] == {n: i for i, n in enumerate(labels)}
+        meta = json.loads((d / METADATA_FILE).read_text())
         code = (d / MODELING_FILE).read_text()
         assert code == Path(modeling_metakd.__file__).read_text()
         assert "metakd_ray" not in "".join(s for s in code.splitlines() if s.startswith(("import", "from")))
         with safe_open(str(d / "model.safetensors"), "pt") as f:
             keys = set(f.keys())
-        assert keys and all(k.startswith(("bert.", "classifier.")) for k in keys), sorted(keys)
-        assert not any(k.startswith("bert.pooler") for k in keys)
-        meta = json.loads((d / METADATA_FILE).read_text())
+        assert keys and all(k.startswith(("encoder.", "classifier.")) for k in keys), sorted(keys)
+        assert not any(k.startswith("encoder.pooler") for k in keys)
+        assert cfg["encoder_config"]["model_type"] == "bert" and meta["format"] == 2
         assert meta["label_names"] == list(labels) and meta["pooling"] == pooling
         assert meta["max_length"] == MAX_LENGTH
         assert json.loads((d / "tokenizer_config.json").read_text())["model_max_length"] == MAX_LENGTH
@@ -214,7 +215,7 @@ def test_minilm_student_round_trip(tmp_path):
         student.classifier.weight.mul_(100.0)
     path = export_student(student, tok, tmp_path / "minilm", NLI, max_length=64)
     model = modeling_metakd.MetaKDStudentForSequenceClassification.from_pretrained(path).eval()
-    assert model.config.num_hidden_layers == 3 and model.config.metakd_teacher_layers == [2, 4, 6]
+    assert model.encoder.config.num_hidden_layers == 3 and model.encoder.config.metakd_teacher_layers == [2, 4, 6]
     premises = ["A man inspects the uniform of a figure in some East Asian country.", "Two dogs run."]
     hypotheses = ["The man is sleeping.", "Animals are moving outside in the park today."]
     _, expected = student_logits(student, tok, premises, hypotheses, max_length=64)

@@ -256,7 +256,7 @@ def test_models_pool_with_the_configured_mode():
         out = ClassifierTeacher(tiny(), C, pooling=mode).eval()(input_ids, attention_mask)
         torch.testing.assert_close(out.pooled, pooled_representation(out.encoder.last_hidden, attention_mask, mode))
     with pytest.raises(ValueError, match="pooling"):
-        ClassifierTeacher(tiny(), C, pooling="cls")
+        ClassifierTeacher(tiny(), C, pooling="max")
 
 
 def test_teacher_and_student_forward_shapes():

@@ -98,6 +98,22 @@ def test_embedded_sweep_gives_one_row_per_planned_trial(project, embedded):
     assert len(list((project / "runs" / "caches").glob("*/manifest.json"))) == 2
 
 
+@pytest.mark.timeout(480)
+def test_a_quiet_log_without_traceback(project, embedded):
+    """Without --verbose: this project's lines, no Ray INFO chatter, no Tune tables, no progress bars of model
+    loads, no traceback — the toy sweep (2 teachers, 2 caches, 4 trials) in well under 80 lines."""
+    r = embedded
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = (r.stdout + r.stderr).splitlines()
+    assert len(lines) <= 50, "\n".join(lines)
+    text = "\n".join(lines)
+    for noise in ("Traceback", " INFO ", "Trial status", "╭", "Loading weights", "Reported metrics",
+                  "A new study created", "Progress bars disabled"):
+        assert noise not in text, noise
+    assert sum("trials finished" in line for line in lines) == 4
+    assert "[sweep] 2/2 cells ok, 0 failed" in lines
+
+
 PIPELINE = r'''
 import importlib.abc, json, sys
 

@@ -15,7 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
-LINE = re.compile(r"^\[sweep\] (\d+)/(\d+) trials finished; (-?\d+\.\d) min in this run; ETA (-?\d+\.\d) min$")
+LINE = re.compile(r"^\[sweep\] (\d+)/(\d+) trials finished; (-?\d+\.\d) min in this run; ETA (-?\d+\.\d) min"
+                  r"( — .*)?$")
 
 
 def eta_callback_class():
@@ -154,3 +155,26 @@ def test_clock_starts_at_construction():
     cb.on_trial_complete(iteration=1, trials=[current, trial("PENDING")], trial=current)
     assert lines == ["[sweep] 1/2 trials finished; 0.1 min in this run; ETA 0.1 min"]
 
+
+
+def test_a_finished_trial_names_its_cell_and_scores():
+    cb, clock, lines = make(total=2)
+    current = SimpleNamespace(status="RUNNING", trial_id="t1", config={"cell": "books|0.1|meta/meta_kd|0|-", "slot": 1},
+                              last_result={"dev_acc": 0.8125, "test_acc": 0.79, "phase": "final"})
+    clock.t += 60.0
+    cb.on_trial_complete(iteration=1, trials=[current, trial("PENDING")], trial=current)
+    assert lines == ["[sweep] 1/2 trials finished; 1.0 min in this run; ETA 1.0 min — "
+                     "books|0.1|meta/meta_kd|0|- #1: dev 0.812, test 0.790"]
+    failed = SimpleNamespace(status="RUNNING", trial_id="t2", config={"cell": "c", "slot": 0}, last_result={})
+    cb.on_trial_error(iteration=2, trials=[current, failed], trial=failed)
+    assert lines[1].endswith(" — c #0: failed")
+
+
+def test_running_trials_at_most_one_line_per_interval():
+    cb, clock, lines = make(total=2)
+    t = SimpleNamespace(status="RUNNING", trial_id="t1", config={"cell": "c", "slot": 0})
+    for epoch in range(10):  # ten reports 5 s apart: one status line at 30 s, one at 60 s
+        clock.t += 6.0
+        cb.on_trial_result(iteration=epoch, trials=[t], trial=t,
+                           result={"phase": "stage2", "epoch": epoch, "dev_acc": 0.5 + epoch / 100})
+    assert lines == ["[sweep] running: c #0 stage2 epoch 5 dev 0.540", "[sweep] running: c #0 stage2 epoch 10 dev 0.590"]

@@ -15,7 +15,9 @@ from metakd_ray import data as D
 from metakd_ray import models as M
 from metakd_ray.cache.build import ensure_cache
 from metakd_ray.cache.format import ATTENTION_MODES, PRECISIONS
+from metakd_ray.cache.job import live_only
 from metakd_ray.cache.store import CacheError
+from metakd_ray.models.families import config_value
 from metakd_ray.raycluster import connect_ray
 from metakd_ray.storage import Storage
 from metakd_ray.teacher.artefact import (MODEL_DIR, PROTOTYPE_FILE, TeacherNotFound, read_prototype_scores,
@@ -57,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with loc.storage().local_copy(*loc.parts) as tdir:
         tokenizer = AutoTokenizer.from_pretrained(str(Path(tdir) / "encoder"))
-        n_layers = json.loads((Path(tdir) / "encoder" / "config.json").read_text())["num_hidden_layers"]
+        enc_cfg = json.loads((Path(tdir) / "encoder" / "config.json").read_text())
+        if why := live_only(enc_cfg.get("model_type")):
+            print(f"error: --teacher-dir {args.teacher_dir}: no cache: {why}; its trials run it live",
+                  file=sys.stderr)
+            return 2
+        n_layers = config_value(enc_cfg, "num_hidden_layers")  # DistilBERT saves n_layers
         proto_path = args.prototype_scores
         if proto_path is None and loc.parts and loc.parts[-1] == MODEL_DIR and \
                 loc.storage().is_file(*loc.parts[:-1], PROTOTYPE_FILE):

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from metakd_ray import logs
 from metakd_ray.cache.format import FORMAT_VERSION, encode_matrix, matrix_bytes
 from metakd_ray.cache.job import CacheJob, cache_job
 from metakd_ray.cache.store import (CACHES, MANIFEST, CacheError, CacheRef, file_entry, find_cache, log, prune,
@@ -64,15 +65,16 @@ class TeacherPass:
         if self.loaded == i:
             return
         from metakd_ray.models import load_task_model
+        from metakd_ray.models.families import family_of
 
         self.model = None
         root, parts = self.teachers[i]
         with Storage(root).local_copy(*parts) as d:
             self.model = load_task_model(d).eval().to(self.runtime.device)
         # No attention maps are read here (scores are rebuilt from stored layer inputs, or Q/K are hooked): the
-        # fused kernel, as everywhere (teachers saved by older versions may ask for eager).
+        # family's fused kernel where it has one, as everywhere (teachers saved by older versions may ask for eager).
         if hasattr(self.model.encoder, "set_attn_implementation"):
-            self.model.encoder.set_attn_implementation("sdpa")
+            self.model.encoder.set_attn_implementation(family_of(self.model.encoder).attn_implementation)
         self.loaded = i
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -160,15 +162,17 @@ def run_teacher_job(table: pa.Table, teacher: TeacherLocation, out_storage: Stor
                     cpus_per_actor: float, threads_per_actor: int | None = None, batch_size: int = 32,
                     rows_per_block: int | None = None, compression: str = "zstd",
                     teachers: tuple[tuple[str, tuple[str, ...]], ...] | None = None,
-                    partition_col: str | None = None, compute: str = "fp32", gpus_per_actor: float = 0.0) -> float:
+                    partition_col: str | None = None, compute: str = "fp32", gpus_per_actor: float = 0.0,
+                    resources_per_actor: dict[str, float] | None = None) -> float:
     """The Ray Data pass: rows -> repartition -> actor pool running the teacher -> Parquet under ``out_parts``
     (overwritten). With ``teachers``, rows name theirs in ``TEACHER_COL`` and the files are written partitioned by
-    ``partition_col`` (``<out_parts>/<col>=<value>/``). Returns the wall time in seconds."""
+    ``partition_col`` (``<out_parts>/<col>=<value>/``). ``resources_per_actor``: custom Ray resources each actor
+    also holds (``ray.cache_resources``). Returns the wall time in seconds."""
     import ray
     import ray.data
 
     ctx = ray.data.DataContext.get_current()  # per driver process
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = logs.data_progress_bars()
     ctx.execution_no_progress_timeout_s = 300
     cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
     check_actor_pool(actors, cpus_per_actor, cluster_cpus)
@@ -186,7 +190,7 @@ def run_teacher_job(table: pa.Table, teacher: TeacherLocation, out_storage: Stor
                                                 layers=layers, qk_layers=qk_layers, precision=precision,
                                                 threads=threads, teachers=teachers, compute=compute),
                      compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_per_actor,
-                     num_gpus=gpus_per_actor or None,
+                     num_gpus=gpus_per_actor or None, resources=resources_per_actor or None,
                      batch_size=batch_size, batch_format="numpy", udf_modifying_row_count=False)
         .write_parquet(out_storage.path(*out_parts), filesystem=out_storage.fs, mode=ray.data.SaveMode.OVERWRITE,
                        compression=compression, partition_cols=[partition_col] if partition_col else None))
@@ -201,11 +205,13 @@ def _finish(job: CacheJob, staging: tuple[str, ...], seconds: float, shared: dic
     files = [file_entry(storage, *staging, n) for n in names]
     if sum(f["rows"] for f in files) != job.num_examples:
         raise CacheError(f"the cache job wrote {sum(f['rows'] for f in files)} rows for {job.num_examples} examples")
+    from metakd_ray.models.families import config_value
+
     publish(storage, staging, fp)
     loc = job.teacher
     model_args = loc.read_json("heads.json")
     enc_cfg = loc.read_json("encoder", "config.json")
-    hidden = int(enc_cfg["hidden_size"])
+    hidden = int(config_value(enc_cfg, "hidden_size"))  # DistilBERT saves dim, n_layers, n_heads
     total = sum(f["bytes"] for f in files)
     mean_tokens = float(np.mean(pc.list_value_length(job.table["input_ids"]).to_numpy()))
     n_mats = len(job.layers) + 2 * len(job.qk_layers)
@@ -213,8 +219,8 @@ def _finish(job: CacheJob, staging: tuple[str, ...], seconds: float, shared: dic
         "format": FORMAT_VERSION, "fingerprint": fp, "key": job.key, "num_examples": job.num_examples,
         "teacher": {"root": loc.root, "parts": list(loc.parts), "class": model_args.get("cls"),
                     "num_labels": model_args.get("args", {}).get("num_labels"),
-                    "num_layers": enc_cfg.get("num_hidden_layers"), "hidden_size": hidden,
-                    "num_heads": enc_cfg.get("num_attention_heads")},
+                    "num_layers": config_value(enc_cfg, "num_hidden_layers"), "hidden_size": hidden,
+                    "num_heads": config_value(enc_cfg, "num_attention_heads")},
         "layer_map": list(job.key["layer_map"]), "stored_layers": list(job.layers), "qk_layers": list(job.qk_layers),
         "precision": job.precision, "attention": job.attention, "compute": job.compute,
         "device": "cuda" if cfg_gpus else "cpu",
@@ -341,7 +347,8 @@ def _build(cfg: Any, jobs: list[CacheJob], **job_args: Any) -> dict[str, CacheRe
                                   qk_layers=first.qk_layers, precision=first.precision, actors=cfg.ray.cache_actors,
                                   cpus_per_actor=cfg.ray.cpus_per_actor, compression=first.compression,
                                   teachers=teachers, partition_col=partition, compute=first.compute,
-                                  gpus_per_actor=cfg.ray.gpus("cache"), **job_args)
+                                  gpus_per_actor=cfg.ray.gpus("cache"),
+                                  resources_per_actor=dict(cfg.ray.cache_resources), **job_args)
         total_rows = table.num_rows
         shared = None if partition is None else {"caches": len(jobs), "rows": total_rows,
                                                  "seconds": round(seconds, 3)}

@@ -15,9 +15,27 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from metakd_ray.cache.format import ATTENTION_MODES, FORMAT_VERSION, PRECISIONS, matrix_bytes, stored_layers
+from metakd_ray.cache.store import CacheError
 from metakd_ray.runtime import stage_precision
 from metakd_ray.storage import Storage, hash_json
 from metakd_ray.teacher.artefact import TeacherLocation, resolve_teacher, teacher_fingerprint
+
+def live_only(model_type: str | None) -> str | None:
+    """Why a teacher encoder of ``model_type`` cannot be served from a cache (one line), or None when it can (also
+    when the type is unknown or unsupported: loading the teacher says why). A cache rebuilds attention scores from
+    the stored layer inputs with the query/key projections (``families.query_key_projections``): DeBERTa-v2's scores
+    add relative-position terms, so its trials run the teacher live."""
+    from metakd_ray.models.families import UnsupportedFamily, family_of
+
+    try:
+        family = family_of(model_type or "")
+    except UnsupportedFamily:
+        return None
+    if family.scores == "dot":
+        return None
+    return (f"a {family.name} teacher's attention scores add relative-position terms that cannot be rebuilt from "
+            "cached layer inputs")
+
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A tokenizer object's vocabulary, class and lower-casing, hashed."""
@@ -109,9 +127,12 @@ class CacheJob:
         return self.table.num_rows
 
     def est_bytes(self) -> int:
+        from metakd_ray.models.families import config_value
+
         enc = self.teacher.read_json("encoder", "config.json")
         return estimate_bytes(pc.list_value_length(self.table["input_ids"]).to_numpy(),
-                              len(self.layers) + 2 * len(self.qk_layers), int(enc["hidden_size"]), self.precision)
+                              len(self.layers) + 2 * len(self.qk_layers), int(config_value(enc, "hidden_size")),
+                              self.precision)
 
     def signature(self) -> tuple:
         """Jobs with the same signature write rows of the same schema, so one Ray Data job can build them all."""
@@ -135,6 +156,8 @@ def cache_job(cfg: Any, storage: Storage | None, teacher: str | os.PathLike, dom
                          "cluster (the sweep asks a GPU) or set compute.precision")
     g = tuple(int(x) for x in layer_map)
     loc = resolve_teacher(storage, teacher)
+    if why := live_only(loc.read_json("encoder", "config.json").get("model_type")):
+        raise CacheError(f"no cache for the teacher at {loc.describe()}: {why}; run it live")
     tfp = teacher_fingerprint(loc)
     table = input_table(split_dataset, prototype_scores)
     ids = table["id"].to_pylist()

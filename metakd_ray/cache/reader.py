@@ -3,7 +3,7 @@
 ``CachedTeacher(ref)`` is a ``TeacherSource``: given a collated student batch (``ids``, ``input_ids``,
 ``attention_mask``, ``token_type_ids``), it returns the record a ``LiveTeacher`` would, aligned with the batch (same
 order as ``batch["ids"]``, padded to the batch's length with zeros): logits, the hidden states ``g`` selects
-(layer 0 recomputed from the teacher's embedding module), the pre-softmax attention scores of the mapped layers
+(layer 0 recomputed from the teacher's embedding modules), the pre-softmax attention scores of the mapped layers
 (rebuilt from the cached layer inputs with the teacher's query/key projections, or from cached Q/K), h_d and the
 prototype scores (cached, else the batch's).
 
@@ -169,24 +169,28 @@ def unload(fingerprint: str | None = None) -> None:
 
 
 class _TeacherParts(nn.Module):
-    """What the reader recomputes with: the teacher's embedding module and, per mapped layer, its query and key
-    projections."""
+    """What the reader recomputes with: the teacher's embedding modules (``families.EmbeddingOutput``: layer 0 as
+    the encoder forms it, e.g. ELECTRA's projection to the hidden width) and, per mapped layer, its query and key
+    projections and their scale."""
 
     def __init__(self, location: TeacherLocation, layer_map: Sequence[int], with_qk: bool):
         super().__init__()
         from metakd_ray.models import load_task_model
         from metakd_ray.models.encoders import _self_attention_modules
+        from metakd_ray.models.families import EmbeddingOutput
 
         with location.storage().local_copy(*location.parts) as d:
             model = load_task_model(d)
         enc = model.encoder
-        self.embeddings = enc.embeddings
+        self.embeddings = EmbeddingOutput(enc)
         self.heads = enc.config.num_attention_heads
-        attn = _self_attention_modules(enc)
+        try:
+            attn = _self_attention_modules(enc)
+        except TypeError as e:  # DeBERTa-v2: scores with relative-position terms; its trials run the teacher live
+            raise CacheError(f"the teacher at {location.describe()} cannot be read from a cache: {e}") from None
         self.query = nn.ModuleList(attn[g - 1].query for g in layer_map[1:]) if with_qk else nn.ModuleList()
         self.key = nn.ModuleList(attn[g - 1].key for g in layer_map[1:]) if with_qk else nn.ModuleList()
-        self.scaling = [getattr(attn[g - 1], "scaling", (enc.config.hidden_size // self.heads) ** -0.5)
-                        for g in layer_map[1:]]
+        self.scaling = [attn[g - 1].scaling for g in layer_map[1:]]
         self.eval()
 
 
@@ -269,8 +273,7 @@ class CachedTeacher:
         def hidden(layer: int) -> Tensor:
             if layer == 0:
                 if 0 not in got:
-                    emb = self.parts.embeddings(input_ids=batch["input_ids"],
-                                                token_type_ids=batch.get("token_type_ids"))
+                    emb = self.parts.embeddings(batch["input_ids"], mask, batch.get("token_type_ids"))
                     got[0] = emb * maskf.unsqueeze(-1)
                 return got[0]
             return matrix(f"hidden_{layer}")

@@ -7,19 +7,22 @@ checks of the fields it owns.
 
 from __future__ import annotations
 
+import re
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Iterator, Literal
 
-from metakd_ray.config.fields import Section, did_you_mean, matching, num, sub
+from metakd_ray.config.fields import ConfigError, Section, check_value, did_you_mean, matching, num, spec, sub
 
 Dataset = Literal["amazon", "mnli", "table"]
 TeacherKind = Literal["single", "mix", "mtl", "meta"]
 StudentMethod = Literal["finetune", "tinybert_kd", "meta_kd"]
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
 AMAZON_DOMAINS = ("books", "dvd", "electronics", "kitchen")
 MNLI_GENRES = ("fiction", "government", "slate", "telephone", "travel")
 TEACHER_KINDS: tuple[str, ...] = typing.get_args(TeacherKind)
 STUDENT_METHODS: tuple[str, ...] = typing.get_args(StudentMethod)
+TRACKERS: tuple[str, ...] = typing.get_args(Tracker)
 # Which teacher kinds each student method may be paired with.
 VALID_METHODS = tuple([f"{t}/tinybert_kd" for t in TEACHER_KINDS] + ["meta/meta_kd", "none/finetune"])
 # Hyper-parameters a sweep may tune (sweep.tune), with their search ranges (lo, hi, log scale) for Optuna.
@@ -99,9 +102,12 @@ class StudentConfig(Section):
 
     ``source``: ``teacher_layers`` keeps ``num_layers`` layers of the teacher (evenly spaced unless ``layers`` is
     given, 1-based teacher layer indices); ``pretrained`` loads ``path`` (hub id or directory); ``random`` builds
-    a randomly initialised BERT of the given shape (tests, timing). For ``pretrained`` and ``random`` students,
-    ``layers`` (if given) is the layer map: the teacher layer each student layer learns from; otherwise
-    g(m) = m * N / M. Default 3 layers: measured against 2 in benchmarks/student_depth.py (README).
+    a randomly initialised encoder of the teacher's family and settings with the given shape (tests, timing).
+    Supported families (``models/families.py``), for teacher and student alike: BERT (incl. MiniLM), RoBERTa,
+    ELECTRA, DistilBERT and DeBERTa-v2 (also v3); a DeBERTa-v2 teacher runs live in the trials (no cache: its
+    relative-position attention scores cannot be rebuilt from cached layer inputs). For ``pretrained`` and
+    ``random`` students, ``layers`` (if given) is the layer map: the teacher layer each student layer learns from;
+    otherwise g(m) = m * N / M. Default 3 layers: measured against 2 in benchmarks/student_depth.py (README).
     """
 
     _path: ClassVar[str] = "model.student"
@@ -135,8 +141,10 @@ class ModelConfig(Section):
     teacher: str = DEFAULT_TEACHER
     student: StudentConfig = sub(StudentConfig)
     # Pooling for h(x), h_T and h_d: "mean" = masked mean over real tokens without [CLS] (paper);
-    # "reference" = the reference code's mean over positions 1..N-1 including padding.
-    pooling: Literal["mean", "reference"] = "mean"
+    # "reference" = the reference code's mean over positions 1..N-1 including padding; "cls" = BERT's pooler
+    # (dense + tanh on [CLS], from the checkpoint's pooler weights; prototype scores use the raw [CLS] vector).
+    # "mean" stays the default: cls measured against it in benchmarks/pooling.py (benchmarks/RESULTS.md "Pooling").
+    pooling: Literal["mean", "reference", "cls"] = "mean"
     dropout: float = num(0.1, 0.0, 1.0, hi_open=True)
 
 
@@ -263,6 +271,53 @@ class RayConfig(Section):
     trial_cpus: float = num(1.0, 0.0, 1024.0, lo_open=True)
     trial_gpus: float = num(1.0, 0.0, 64.0)
     max_concurrent_trials: int = num(0, 0, 100000)  # 0 = as many as the resources allow
+    # Custom Ray resources each worker of a stage also asks for, e.g. {"gpu_node": 0.001}: it then runs only on
+    # nodes that advertise that resource (the worker types of cluster/*.yaml), and an autoscaler adds those.
+    # Empty (default): any node with the CPUs/GPUs above, so a CPU-only cluster or a laptop runs every stage.
+    teacher_resources: dict = field(default_factory=dict)  # per Ray Train worker of a teacher run
+    cache_resources: dict = field(default_factory=dict)  # per actor of a cache job's pool
+    trial_resources: dict = field(default_factory=dict)  # per student trial
+
+    def __post_init__(self) -> None:
+        # fields.check_value knows numbers, strings, Literals, tuples and sections, not mappings of resource names:
+        # those are checked here, every other field as in any section; the messages read the same.
+        errors: list[str] = []
+        for name, tp, rng in spec(type(self)):
+            path = f"{self._path}.{name}"
+            value, errs = (self._check_resources(getattr(self, name), path) if name.endswith("_resources")
+                           else check_value(tp, getattr(self, name), path, rng))
+            errors += errs
+            if not errs:
+                object.__setattr__(self, name, value)
+        errors = errors or list(self._rules())
+        if errors:
+            raise ConfigError(errors)
+
+    @staticmethod
+    def _check_resources(value: object, path: str) -> tuple[object, list[str]]:
+        """(``value`` as ``{name: float}``, and [] or one message per problem) for a ``ray.<stage>_resources``."""
+        if not isinstance(value, dict):
+            return value, [f"{path}: {value!r} is not allowed; expected a mapping of custom resource names to "
+                           "amounts, e.g. {gpu_node: 0.001}"]
+        stage = path.rsplit(".", 1)[-1].removesuffix("_resources")
+        own = {"cpu": {"teacher": "cpus_per_worker", "cache": "cpus_per_actor", "trial": "trial_cpus"}[stage],
+               "gpu": {"teacher": "use_gpu", "cache": "cache_gpus", "trial": "trial_gpus"}[stage]}
+        out, errors = {}, []
+        for key, amount in value.items():
+            where = f"{path}.{key}"
+            if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,99}", key):
+                errors.append(f"{path}: key {key!r} is not allowed; expected a resource name (letters, digits, "
+                              "_ . : / -), e.g. gpu_node")
+            elif key.lower() in own or key.lower() in ("memory", "object_store_memory"):
+                hint = (f"set it with ray.{own[key.lower()]}" if key.lower() in own else "not requested by stages")
+                errors.append(f"{where}: not allowed ({hint}); {path} holds custom resources such as gpu_node")
+            elif not isinstance(amount, (int, float)) or isinstance(amount, bool):
+                errors.append(f"{where}: {amount!r} ({type(amount).__name__}) is not allowed; expected a number")
+            elif not (amount == 0 or 1e-4 <= amount <= 1e6):  # Ray's resource precision is 0.0001
+                errors.append(f"{where}: {amount!r} is out of range; allowed 0 or [0.0001, 1000000]")
+            else:
+                out[key] = float(amount)
+        return out, errors
 
     def _rules(self) -> Iterator[str]:
         if self.use_gpu and self.train_workers == 0:
@@ -278,6 +333,13 @@ class RayConfig(Section):
             return 0.0
         return {"teacher": 1.0, "cache": self.cache_gpus, "trial": self.trial_gpus}[stage]
 
+    def requests(self, stage: str) -> dict[str, float]:
+        """Everything one worker of ``stage`` asks Ray for, in Ray's resource names: ``{"CPU": c, "GPU": g (only
+        when > 0), **<stage>_resources}``. The one source for Ray Train, Ray Data, Ray Tune and the checks."""
+        cpus = {"teacher": self.cpus_per_worker, "cache": self.cpus_per_actor, "trial": self.trial_cpus}[stage]
+        gpus = self.gpus(stage)
+        return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **getattr(self, f"{stage}_resources")}
+
 
 @dataclass(frozen=True)
 class StorageConfig(Section):
@@ -288,6 +350,13 @@ class StorageConfig(Section):
     # Disk budget for teacher-output caches: beyond it, the least recently used other caches are evicted (an
     # evicted cache is rebuilt on demand, or its trials run the teacher live). 0 = no limit.
     cache_max_gb: float = num(12.0, 0.0, 1e6)
+    # Trained students (stock transformers folders under sweeps/<name>/students/): "selected" keeps each cell's
+    # dev-selected trial's (the others are removed once their cell is complete), "all" every trial's, "none" none.
+    keep_students: Literal["selected", "all", "none"] = "selected"
+    # Where to follow a sweep's metrics live (metakd_ray/tracking.py; README "Follow a sweep"): any of tensorboard,
+    # mlflow, wandb, or []. Their files go under sweeps/<name>/ ($MLFLOW_TRACKING_URI can send MLflow elsewhere).
+    # Not part of any fingerprint: trackers change what is shown, not what is computed.
+    tracking: tuple[Tracker, ...] = ("tensorboard",)
 
     def _rules(self) -> Iterator[str]:
         if "://" in self.root:  # credentials would be written into every run's config.yaml and manifests
@@ -299,6 +368,8 @@ class StorageConfig(Section):
                 yield (f"{self._path}.root: credentials in the URI are not allowed (they would be saved with every "
                        "run's config); give them in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
                        "GOOGLE_APPLICATION_CREDENTIALS) or through the node's cloud role")
+        if len(set(self.tracking)) != len(self.tracking):
+            yield f"{self._path}.tracking: {list(self.tracking)!r} has duplicates; each tracker once"
 
 
 @dataclass(frozen=True)

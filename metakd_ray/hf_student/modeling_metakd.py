@@ -11,50 +11,84 @@ export needs neither ``metakd_ray`` nor anything else from the training project:
 
 Design. The model is exactly the trained student's *inference* path and nothing else:
 
-* ``bert``: a ``BertModel`` without a pooler, built from the student encoder's own configuration (the fields of
-  ``MetaKDStudentConfig`` are ``BertConfig``'s plus ``metakd_pooling``); its weights are the encoder's.
+* ``encoder``: the student's encoder, of any family transformers builds with ``AutoModel`` (BERT/MiniLM, RoBERTa,
+  ELECTRA, DistilBERT, DeBERTa-v2 are the ones metakd_ray trains), without a pooler. ``config.encoder_config`` is
+  the encoder's own configuration as a dict carrying its ``model_type``; its weights are the encoder's
+  (``encoder.*`` in ``model.safetensors``). ``token_type_ids`` reach it only if its forward takes them (DistilBERT's
+  does not).
 * pooling h(x) (``metakd_pool``, a copy of ``metakd_ray.losses.pooled_representation``), computed in float32:
   ``"mean"`` (paper) is the masked mean over the real tokens without position 0 ([CLS]; [SEP] counts), zeros for
   a row with no such token; ``"reference"`` (the reference code) is the plain mean over positions 1..t-1
-  *including padding*, so its result depends on how far a batch is padded (as it did in training).
+  *including padding*, so its result depends on how far a batch is padded (as it did in training); ``"cls"`` is
+  the [CLS] vector (position 0) followed by ``pooler`` (dense + tanh, BERT's pooler; the student's trained
+  weights, ``pooler.*`` in ``model.safetensors``), which only a ``"cls"`` model has.
 * ``dropout`` (inactive in eval mode) and ``classifier``: the student's classifier, giving the logits.
 
-The student's training-only parts (``W_h``, the domain head and ``W_d``) are not part of the export. BERT's own
-pooler (a dense + tanh on [CLS]) is not used, which is why a stock ``BertForSequenceClassification`` cannot hold a
-Meta-KD student. With ``labels`` the forward also returns the usual loss (``config.problem_type`` as in
+The student's training-only parts (``W_h``, the domain head and ``W_d``) are not part of the export. With
+``"mean"``/``"reference"`` pooling the encoder's own pooler is not used, which is why a stock
+``*ForSequenceClassification`` cannot hold such a student (a BERT ``"cls"`` student has exactly
+``BertForSequenceClassification``'s shape; benchmarks/RESULTS.md "Pooling" says why it is not the default). With
+``labels`` the forward also returns the usual loss (``config.problem_type`` as in
 ``BertForSequenceClassification``), so an export can be fine-tuned further with the ``Trainer``.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertModel, BertPreTrainedModel
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-POOLING_MODES = ("mean", "reference")
+POOLING_MODES = ("mean", "reference", "cls")
 
 
-class MetaKDStudentConfig(BertConfig):
-    """``BertConfig`` (the student encoder's) plus ``metakd_pooling``: ``"mean"`` or ``"reference"``."""
+class MetaKDStudentConfig(PretrainedConfig):
+    """``encoder_config`` (the student encoder's config as a dict, with its ``model_type``), ``metakd_pooling``
+    (``"mean"``, ``"reference"`` or ``"cls"``), ``classifier_dropout`` and the usual ``id2label``/``label2id``."""
 
     model_type = "metakd_student"
 
-    def __init__(self, metakd_pooling: str = "mean", **kwargs: Any) -> None:
+    def __init__(self, encoder_config: dict | None = None, metakd_pooling: str = "mean",
+                 classifier_dropout: float | None = None, **kwargs: Any) -> None:
         if metakd_pooling not in POOLING_MODES:
             raise ValueError(f"metakd_pooling={metakd_pooling!r}; expected one of {POOLING_MODES}")
         super().__init__(**kwargs)
+        self.encoder_config = dict(encoder_config or {"model_type": "bert"})
         self.metakd_pooling = metakd_pooling
+        self.classifier_dropout = classifier_dropout
+
+    def encoder_settings(self) -> PretrainedConfig:
+        """The encoder's configuration as its own config class (``BertConfig``, ``DebertaV2Config``, ...)."""
+        settings = dict(self.encoder_config)
+        return AutoConfig.for_model(settings.pop("model_type"), **settings)
+
+
+def no_pooler_kwargs(config: PretrainedConfig) -> dict:
+    """``{"add_pooling_layer": False}`` for the ``AutoModel`` classes that have a pooler (BERT, RoBERTa), else {}."""
+    model_cls = MODEL_MAPPING.get(type(config), None)
+    if model_cls is not None and "add_pooling_layer" in inspect.signature(model_cls.__init__).parameters:
+        return {"add_pooling_layer": False}
+    return {}
+
+
+def accepts_token_type_ids(encoder: nn.Module) -> bool:
+    """Whether ``encoder``'s forward takes ``token_type_ids`` (DistilBERT's has no segment embeddings)."""
+    return "token_type_ids" in inspect.signature(type(encoder).forward).parameters
 
 
 def metakd_pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """h(x): token vectors (b, t, d) -> (b, d) in float32, as the student pooled them in training."""
+    """h(x): token vectors (b, t, d) -> (b, d) in float32, as the student pooled them in training (for ``"cls"``
+    the [CLS] vector, which the model's ``pooler`` then maps)."""
     hidden = hidden.float()
     b, t, d = hidden.shape
     if mode == "reference":
         return hidden[:, 1:].mean(dim=1) if t > 1 else hidden.new_zeros(b, d)
+    if mode == "cls":
+        return hidden[:, 0]
     if mode != "mean":
         raise ValueError(f"unknown pooling mode {mode!r}; expected one of {POOLING_MODES}")
     not_cls = (torch.arange(t, device=hidden.device) > 0).to(hidden.dtype)  # (t,)
@@ -64,18 +98,32 @@ def metakd_pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -
     return summed / count
 
 
-class MetaKDStudentForSequenceClassification(BertPreTrainedModel):
-    """Encoder -> Meta-KD pooling -> dropout -> linear classifier (the student's inference path)."""
+class MetaKDClsPooler(nn.Module):
+    """BERT's pooler: tanh(dense(h_[CLS])), (b, d) -> (b, d) (``metakd_ray.models.heads.ClsPooler``)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, cls_hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(cls_hidden))
+
+
+class MetaKDStudentForSequenceClassification(PreTrainedModel):
+    """Encoder -> Meta-KD pooling (-> [CLS] pooler) -> dropout -> linear classifier (the student's inference path)."""
 
     config_class = MetaKDStudentConfig
+    base_model_prefix = "encoder"
 
     def __init__(self, config: MetaKDStudentConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.bert = BertModel(config, add_pooling_layer=False)
-        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        encoder_config = config.encoder_settings()
+        self.encoder = AutoModel.from_config(encoder_config, **no_pooler_kwargs(encoder_config))
+        p = config.classifier_dropout if config.classifier_dropout is not None else 0.1
         self.dropout = nn.Dropout(p)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = nn.Linear(encoder_config.hidden_size, config.num_labels)
+        self.pooler = MetaKDClsPooler(encoder_config.hidden_size) if config.metakd_pooling == "cls" else None
         self.post_init()
 
     def forward(
@@ -92,9 +140,13 @@ class MetaKDStudentForSequenceClassification(BertPreTrainedModel):
         if attention_mask is None:  # no padding: every position is a real token
             ref = input_ids if input_ids is not None else inputs_embeds[..., 0]
             attention_mask = torch.ones(ref.shape[:2], dtype=torch.long, device=ref.device)
-        outputs = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                            position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs)
+        if token_type_ids is not None and accepts_token_type_ids(self.encoder):
+            kwargs["token_type_ids"] = token_type_ids
+        outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               inputs_embeds=inputs_embeds, return_dict=True, **kwargs)
         pooled = metakd_pool(outputs.last_hidden_state, attention_mask, self.config.metakd_pooling)  # (b, d)
+        if self.pooler is not None:
+            pooled = self.pooler(pooled.to(self.pooler.dense.weight.dtype))  # (b, d)
         logits = self.classifier(self.dropout(pooled.to(self.classifier.weight.dtype)))  # (b, c)
         loss = self._loss(logits, labels) if labels is not None else None
         if return_dict is False:
@@ -118,4 +170,4 @@ class MetaKDStudentForSequenceClassification(BertPreTrainedModel):
         return nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
 
-__all__ = ["MetaKDStudentConfig", "MetaKDStudentForSequenceClassification", "metakd_pool"]
+__all__ = ["MetaKDClsPooler", "MetaKDStudentConfig", "MetaKDStudentForSequenceClassification", "metakd_pool"]

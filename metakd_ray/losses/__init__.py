@@ -18,7 +18,7 @@ Conventions
 - Defaults are the paper's formulas; the reference code's behaviour is a named option where the two differ.
 """
 
-from metakd_ray.losses.base import LossTerms, fp32, pooled_representation, weighted_mean
+from metakd_ray.losses.base import POOLING_MODES, LossTerms, fp32, pooled_representation, weighted_mean
 from metakd_ray.losses.student import (
     attention_mse,
     embedding_mse,
@@ -44,6 +44,7 @@ __all__ = [
     "LossTerms",
     "fp32",
     "pooled_representation",
+    "POOLING_MODES",
     "class_prototypes",
     "prototype_scores",
     "false_domain_labels",

@@ -80,9 +80,12 @@ def _check_range(name: str, ids: Tensor, upper: int) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+POOLING_MODES = ("mean", "reference", "cls")
+
+
 @fp32
 def pooled_representation(
-    hidden: Tensor, attention_mask: Tensor, mode: Literal["mean", "reference"] = "mean"
+    hidden: Tensor, attention_mask: Tensor, mode: Literal["mean", "reference", "cls"] = "mean"
 ) -> Tensor:
     """h(x): pool token vectors (b, t, d) -> (b, d).
 
@@ -90,14 +93,20 @@ def pooled_representation(
     real token. A row whose only real token is [CLS] (or none) pools to zeros rather than NaN.
     ``mode="reference"``: the reference code's ``mean(hidden[:, 1:])`` over positions 1..t-1 *including padding*
     (the mask is ignored); t == 1 pools to zeros.
+    ``mode="cls"``: the [CLS] vector ``hidden[:, 0]`` (the mask is ignored), i.e. the input of BERT's pooler. The task
+    models (``models.heads``) apply their pooler (dense + tanh, the checkpoint's weights when it has them) on it,
+    so their h(x) is BERT's pooled output, the paper's; the prototype pass (``teacher.model.pooled_features``),
+    which has no pooler, uses the [CLS] vector as it is.
     """
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (b, t, d); got shape {tuple(hidden.shape)}")
     b, t, _ = hidden.shape
     if mode == "reference":
         return hidden[:, 1:].mean(dim=1) if t > 1 else hidden.new_zeros(b, hidden.shape[2])
+    if mode == "cls":
+        return hidden[:, 0]
     if mode != "mean":
-        raise ValueError(f"unknown pooling mode {mode!r}; expected 'mean' or 'reference'")
+        raise ValueError(f"unknown pooling mode {mode!r}; expected one of {', '.join(map(repr, POOLING_MODES))}")
     _check_shape("attention_mask", attention_mask, (b, t))
     not_cls = (torch.arange(t, device=hidden.device) > 0).to(hidden.dtype)  # (t,)
     weights = attention_mask.to(hidden.dtype) * not_cls  # (b, t)

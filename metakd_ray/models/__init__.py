@@ -1,4 +1,5 @@
-"""Models: BERT-family encoders (``encoders``) and the task models built on them (``heads``).
+"""Models: encoders (``encoders``) of the supported families (``families``: BERT/MiniLM, RoBERTa, ELECTRA,
+DistilBERT, DeBERTa-v2) and the task models built on them (``heads``).
 
 Typical use::
 
@@ -31,6 +32,7 @@ from metakd_ray.models.encoders import (
     student_from_teacher,
     student_layer_map,
 )
+from metakd_ray.models.families import FAMILIES, UnsupportedFamily, family_of
 from metakd_ray.models.heads import (
     TASK_MODELS,
     ClassifierTeacher,
@@ -48,7 +50,7 @@ __all__ = [
     "PAPER_SHAPES", "EncoderOutput", "ModelLoadError", "build_student", "check_attention_compatible",
     "check_max_length", "compression_ratio", "default_teacher_path", "describe_models", "encode",
     "evenly_spaced_layers", "kept_teacher_layers", "layer_map", "load_encoder", "param_count", "random_encoder",
-    "resolve_model", "student_from_teacher", "student_layer_map",
+    "resolve_model", "student_from_teacher", "student_layer_map", "FAMILIES", "UnsupportedFamily", "family_of",
     "TASK_MODELS", "ClassifierTeacher", "DomainHead", "MetaTeacher", "MTLTeacher", "Student", "StudentOutput",
     "TeacherOutput", "load_task_model", "save_task_model",
 ]

@@ -1,6 +1,9 @@
-"""BERT-family encoders: loading, building students from a teacher, and the outputs distillation consumes.
+"""Encoders: loading, building students from a teacher, and the outputs distillation consumes.
 
 Shape legend: ``b`` batch, ``t`` tokens, ``d`` hidden, ``h`` heads, ``L`` layers.
+
+Any encoder of a family in ``families.py`` (BERT/MiniLM, RoBERTa, ELECTRA, DistilBERT, DeBERTa-v2); where each keeps
+its layers and how it forms attention scores is said there, not here.
 
 Layers are counted 1-based as in the paper (layer 0 = the embeddings), so ``hidden_states[g(m)]`` is the teacher
 layer that student layer ``m`` copies, and ``attention_scores[m - 1]`` is student layer ``m``'s attention.
@@ -8,15 +11,15 @@ layer that student layer ``m`` copies, and ``attention_scores[m - 1]`` is studen
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from metakd_ray.models import families
 
 # Paper shapes for ``random_encoder(**PAPER_SHAPES[name])`` (timing and shape tests; weights are random).
 PAPER_SHAPES: dict[str, dict[str, int]] = {
@@ -60,8 +63,8 @@ def resolve_model(name: str) -> str:
     return name
 
 
-# Every encoder we load or build: PyTorch's scaled_dot_product_attention (fused; the scores the attention loss needs are
-# rebuilt from the hooked query/key projections, see ``encode``).
+# Every BERT we build: PyTorch's scaled_dot_product_attention (fused; the scores the attention loss needs are rebuilt
+# from the hooked query/key projections, see ``encode``). Other families: ``families.Family.attn_implementation``.
 ATTN_IMPLEMENTATION = "sdpa"
 
 
@@ -74,33 +77,35 @@ def _load_error(name: str, resolved: str, what: str, err: Exception) -> ModelLoa
     )
 
 
-def _from_pretrained(path: str, **config_overrides: Any) -> nn.Module:
-    """AutoModel with sdpa attention (PyTorch's fused kernel: the attention-score loss rebuilds scores from the
-    hooked query/key projections, so no attention maps are needed; 1.9x faster bf16 training steps than eager here),
-    float32 weights, and no pooler (we pool ourselves; an unused pooler would get no gradient, which
-    DistributedDataParallel rejects)."""
+def _from_pretrained(path: str, *, dropout: float | None = None) -> nn.Module:
+    """AutoModel with its family's attention (sdpa, PyTorch's fused kernel, where transformers has it: the
+    attention-score loss rebuilds scores from hooked projections, so no attention maps are needed; 1.9x faster bf16
+    training steps than eager here), float32 weights, and no pooler (we pool ourselves; an unused pooler would get
+    no gradient, which DistributedDataParallel rejects). ``dropout``: replaces the hidden and attention dropout.
+    Raises ``families.UnsupportedFamily`` for a model of no supported family."""
     from transformers import AutoConfig, AutoModel
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-    config = AutoConfig.from_pretrained(path, **config_overrides)
-    kwargs: dict[str, Any] = {}
-    model_cls = MODEL_MAPPING.get(type(config), None)
-    if model_cls is not None and "add_pooling_layer" in inspect.signature(model_cls.__init__).parameters:
-        kwargs["add_pooling_layer"] = False
+    from metakd_ray.hf_student.modeling_metakd import no_pooler_kwargs
+
+    config = AutoConfig.from_pretrained(path)
+    family = families.family_of(config)
+    if dropout is not None:
+        for key in family.dropout:
+            setattr(config, key, dropout)
     # The checkpoint's pooler weights are unused by design; keep transformers' load report about them quiet.
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        return AutoModel.from_pretrained(path, config=config, attn_implementation=ATTN_IMPLEMENTATION, dtype=torch.float32,
-                                         **kwargs)
+        return AutoModel.from_pretrained(path, config=config, attn_implementation=family.attn_implementation,
+                                         dtype=torch.float32, **no_pooler_kwargs(config))
     finally:
         hf_logging.set_verbosity(verbosity)
 
 
 def load_encoder(name_or_path: str, *, dropout: float | None = None) -> tuple[nn.Module, Any]:
-    """Load a BERT-family encoder (``AutoModel``, sdpa attention, float32) and its tokenizer.
+    """Load an encoder of a supported family (``AutoModel``, float32, see ``_from_pretrained``) and its tokenizer.
 
     ``name_or_path``: ``"default"``, a local directory or a hub id. ``dropout``: if given, replaces the encoder's
     hidden and attention dropout probabilities.
@@ -108,9 +113,10 @@ def load_encoder(name_or_path: str, *, dropout: float | None = None) -> tuple[nn
     from transformers import AutoTokenizer
 
     resolved = resolve_model(name_or_path)
-    overrides = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
     try:
-        encoder = _from_pretrained(resolved, **overrides)
+        encoder = _from_pretrained(resolved, dropout=dropout)
+    except families.UnsupportedFamily as e:
+        raise ModelLoadError(f"model {name_or_path!r} {e}") from None
     except (OSError, ValueError) as e:  # HF raises OSError for missing files/offline, ValueError for bad repo ids
         raise _load_error(name_or_path, resolved, "encoder", e) from e
     try:
@@ -145,14 +151,6 @@ def random_encoder(hidden_size: int = 32, num_layers: int = 2, num_heads: int = 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _layer_list(encoder: nn.Module) -> nn.ModuleList:
-    """The transformer layers of a BERT-family encoder (``encoder.encoder.layer``)."""
-    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f"{type(encoder).__name__} is not a BERT-family encoder (no .encoder.layer list)")
-    return layers
-
-
 def evenly_spaced_layers(num_layers: int, teacher_layers: int) -> tuple[int, ...]:
     """1-based teacher layers kept by an ``num_layers``-layer student: round(i * N / M), i = 1..M."""
     if not 1 <= num_layers <= teacher_layers:
@@ -170,7 +168,7 @@ def _check_kept(layers: Sequence[int], teacher_layers: int) -> tuple[int, ...]:
 
 def student_from_teacher(teacher_encoder: nn.Module, num_layers: int | None = None,
                          layers: Sequence[int] | None = None) -> nn.Module:
-    """A new encoder with deep copies of the teacher's embeddings and the chosen layers.
+    """A new encoder of the teacher's family with deep copies of its embeddings and the chosen layers.
 
     ``layers``: 1-based teacher layer indices (strictly increasing); default evenly spaced (N=6, M=3 -> [2, 4, 6]).
     The kept indices are recorded in ``config.metakd_teacher_layers`` (saved with the encoder) for ``layer_map``.
@@ -182,14 +180,9 @@ def student_from_teacher(teacher_encoder: nn.Module, num_layers: int | None = No
             raise ValueError(f"num_layers={num_layers} but {len(kept)} teacher layers were given: {list(kept)}")
     else:
         kept = evenly_spaced_layers(num_layers if num_layers is not None else n, n)
+    source = families.layer_list(teacher_encoder)
     student = copy.deepcopy(teacher_encoder)
-    source = _layer_list(teacher_encoder)
-    student.encoder.layer = nn.ModuleList(copy.deepcopy(source[i - 1]) for i in kept)
-    for new_idx, layer in enumerate(student.encoder.layer):
-        for module in layer.modules():  # cache index; only decoders use it, but keep it truthful
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_idx
-    student.config.num_hidden_layers = len(kept)
+    families.set_layers(student, [copy.deepcopy(source[i - 1]) for i in kept])
     student.config.metakd_teacher_layers = list(kept)
     return student
 
@@ -214,11 +207,11 @@ def build_student(model_cfg: Any, teacher_encoder: nn.Module, tokenizer: Any) ->
             raise ValueError(f"model.student.path={s.path!r} has a different vocabulary from the teacher's "
                              f"({len(student_tokenizer)} vs {len(tokenizer)} tokens); the same token ids feed both, "
                              "so pick a student with the teacher's tokenizer")
-    elif s.source == "random":
+    elif s.source == "random":  # the teacher's family and settings, the configured shape
         tc = teacher_encoder.config
-        student = random_encoder(hidden_size=s.hidden_size, num_layers=s.num_layers, num_heads=s.num_attention_heads,
-                                 intermediate_size=s.intermediate_size, vocab_size=max(len(tokenizer), tc.vocab_size),
-                                 max_position=tc.max_position_embeddings, type_vocab_size=tc.type_vocab_size)
+        student = families.random_like(tc, hidden_size=s.hidden_size, num_layers=s.num_layers,
+                                       num_heads=s.num_attention_heads, intermediate_size=s.intermediate_size,
+                                       vocab_size=max(len(tokenizer), tc.vocab_size))
     else:
         raise ValueError(f"model.student.source={s.source!r}; expected teacher_layers, pretrained or random")
     if s.layers:  # an explicit layer map for a student not built from teacher layers
@@ -244,7 +237,7 @@ def compression_ratio(teacher: nn.Module, student: nn.Module) -> float:
 def _shape(encoder: nn.Module) -> dict[str, int]:
     c = encoder.config
     return dict(layers=c.num_hidden_layers, hidden=c.hidden_size, heads=c.num_attention_heads,
-                intermediate=c.intermediate_size, params=param_count(encoder))
+                intermediate=getattr(c, families.family_of(c).intermediate), params=param_count(encoder))
 
 
 def describe_models(teacher: nn.Module, student: nn.Module) -> dict[str, Any]:
@@ -290,7 +283,9 @@ def student_layer_map(model_cfg: Any, teacher_layers: int) -> tuple[int, ...]:
 
 
 def check_attention_compatible(teacher_encoder: nn.Module, student_encoder: nn.Module) -> None:
-    """Raise if the attention loss cannot apply: it compares (b, h, t, t) maps, so head counts must match."""
+    """Raise if the attention loss cannot apply: it compares (b, h, t, t) maps, so head counts must match and both
+    must form their scores the same way (``families``: dot-product or DeBERTa's disentangled scores)."""
+    families.check_same_scores(teacher_encoder, student_encoder)
     ht = teacher_encoder.config.num_attention_heads
     hs = student_encoder.config.num_attention_heads
     if ht != hs:
@@ -300,7 +295,7 @@ def check_attention_compatible(teacher_encoder: nn.Module, student_encoder: nn.M
 
 def check_max_length(encoder: nn.Module, max_length: int) -> None:
     """Raise if sequences of ``max_length`` tokens do not fit the encoder's position embeddings."""
-    limit = encoder.config.max_position_embeddings
+    limit = families.max_tokens(encoder.config)
     if max_length > limit:
         raise ValueError(f"max_length={max_length} exceeds the encoder's {limit} position embeddings; "
                          f"use data.max_length <= {limit}")
@@ -318,64 +313,31 @@ class EncoderOutput:
     attention_scores: tuple[Tensor, ...] | None  # L of (b, h, t, t), pre-softmax, unmasked; None if not asked for
 
 
-def _self_attention_modules(encoder: nn.Module) -> list[nn.Module]:
-    """Each layer's self-attention module (the one owning the ``query``/``key`` projections), in layer order."""
-    found = []
-    for layer in _layer_list(encoder):
-        mods = [m for m in layer.modules()
-                if isinstance(getattr(m, "query", None), nn.Linear) and isinstance(getattr(m, "key", None), nn.Linear)
-                and not type(m).__name__.endswith("CrossAttention")]
-        if len(mods) != 1:
-            raise TypeError(f"expected one self-attention module with query/key projections per layer in "
-                            f"{type(encoder).__name__}, found {len(mods)}")
-        found.append(mods[0])
-    return found
+def _self_attention_modules(encoder: nn.Module) -> list[families.QueryKey]:
+    """Each layer's query/key projections and scale (the teacher cache rebuilds ``dot`` scores with them)."""
+    return families.query_key_projections(encoder)
 
 
-@contextlib.contextmanager
-def _capture_query_key(encoder: nn.Module) -> Iterator[dict[tuple[int, str], Tensor]]:
-    """Forward hooks recording each layer's query and key projection outputs (b, t, h*dh); removed on exit."""
-    captured: dict[tuple[int, str], Tensor] = {}
-    handles = []
-
-    def hook(idx: int, which: str):
-        def record(_module, _inputs, output):
-            captured[(idx, which)] = output  # keyed, not appended: a re-run (checkpointing) overwrites
-        return record
-
-    try:
-        for i, attn in enumerate(_self_attention_modules(encoder)):
-            handles.append(attn.query.register_forward_hook(hook(i, "query")))
-            handles.append(attn.key.register_forward_hook(hook(i, "key")))
-        yield captured
-    finally:
-        for h in handles:
-            h.remove()
+_capture_query_key = families.record_attention_inputs  # the cache's hooks: ``(layer, "query"/"key")`` outputs
 
 
 def encode(encoder: nn.Module, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None, *,
            with_attention_scores: bool = True) -> EncoderOutput:
     """Run ``encoder`` and return its last layer, every hidden state and (unless skipped) every layer's pre-softmax
-    attention scores Q K^T / sqrt(d_head), before the mask is added (TinyBERT distils these).
+    attention scores, before the mask is added (TinyBERT distils these): Q K^T / sqrt(d_head), or DeBERTa-v2's
+    disentangled scores (``families``).
 
-    HF's attention returns at most post-softmax probabilities, so the scores are recomputed from the query and key
-    projections captured with forward hooks; softmax(scores + additive mask) equals HF's ``attentions``.
+    HF's attention returns at most post-softmax probabilities, so the scores are recomputed from what forward hooks
+    record (the query and key projections' outputs); softmax(scores + mask) equals HF's ``attentions``.
     """
     model = encoder.module if hasattr(encoder, "module") else encoder  # unwrap DistributedDataParallel
-    cfg = model.config
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                  output_hidden_states=True, return_dict=True)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, return_dict=True,
+                  **families.encoder_kwargs(model, token_type_ids))
     if not with_attention_scores:
         out = encoder(**kwargs)
         return EncoderOutput(out.last_hidden_state, tuple(out.hidden_states), None)
-    with _capture_query_key(model) as qk:
+    with families.record_attention_inputs(model) as recorded:
         out = encoder(**kwargs)
     b, t = input_ids.shape
-    heads = cfg.num_attention_heads
-    scores = []
-    for i, attn in enumerate(_self_attention_modules(model)):
-        q = qk[(i, "query")].view(b, t, heads, -1).transpose(1, 2)  # (b, h, t, dh)
-        k = qk[(i, "key")].view(b, t, heads, -1).transpose(1, 2)  # (b, h, t, dh)
-        scale = getattr(attn, "scaling", q.size(-1) ** -0.5)
-        scores.append(torch.matmul(q, k.transpose(-1, -2)) * scale)  # (b, h, t, t)
-    return EncoderOutput(out.last_hidden_state, tuple(out.hidden_states), tuple(scores))
+    scores = families.attention_scores(model, recorded, b, t)
+    return EncoderOutput(out.last_hidden_state, tuple(out.hidden_states), scores)

@@ -17,15 +17,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metakd_ray.losses import pooled_representation
+from metakd_ray.losses import POOLING_MODES, pooled_representation
 from metakd_ray.models.encoders import EncoderOutput, _from_pretrained, encode
 
 HEADS_FORMAT = 1
 
 
 def _check_pooling(pooling: str) -> str:
-    if pooling not in ("mean", "reference"):
-        raise ValueError(f"pooling {pooling!r}; expected 'mean' (paper) or 'reference' (reference code)")
+    if pooling not in POOLING_MODES:
+        raise ValueError(f"pooling {pooling!r}; expected 'mean' (paper), 'reference' (reference code) or 'cls' "
+                         "(BERT's pooler on [CLS])")
     return pooling
 
 
@@ -41,6 +42,87 @@ def _embedding(n: int, d: int) -> nn.Embedding:
     emb = nn.Embedding(n, d)
     nn.init.normal_(emb.weight, std=0.02)
     return emb
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The [CLS] pooler (``pooling: cls``)
+# ----------------------------------------------------------------------------------------------------------
+
+_POOLER_KEYS = ("pooler.dense.weight", "pooler.dense.bias")
+
+
+def _weight_files(name: str) -> list[Path]:
+    """The weight files of checkpoint ``name`` (a folder, or a hub id: only what the local cache holds, never a
+    download); none for an encoder built in memory (``name`` empty)."""
+    if not name:
+        return []
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return sorted(local.glob("*.safetensors")) + [p for p in (local / "pytorch_model.bin",) if p.is_file()]
+    from huggingface_hub import try_to_load_from_cache
+
+    found = (try_to_load_from_cache(name, f) for f in ("model.safetensors", "pytorch_model.bin"))
+    return [Path(f) for f in found if isinstance(f, str)]
+
+
+def _pooler_names(keys: Any) -> list[str] | None:
+    """The checkpoint's names of ``_POOLER_KEYS``, under any model prefix (``bert.``, ``roberta.``), or None."""
+    found: dict[str, str] = {}
+    for key in keys:
+        for want in _POOLER_KEYS:
+            if key == want or key.endswith("." + want):
+                found.setdefault(want, key)
+    return [found[w] for w in _POOLER_KEYS] if len(found) == len(_POOLER_KEYS) else None
+
+
+def checkpoint_pooler(encoder: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """(weight (d, d), bias (d,)) of the pooler in the checkpoint ``encoder`` was loaded from (``config._name_or_path``;
+    a student cut from teacher layers keeps the teacher's), or None: an encoder built in memory (``random``), a family
+    without a pooler (ELECTRA, DistilBERT, DeBERTa), a folder saved without one (``save_task_model``'s ``encoder/``,
+    whose trained pooler is in ``heads.pt``), or a pooler of another width. Our encoders load without their pooler
+    (``encoders._from_pretrained``), so it is read here from the file."""
+    config = getattr(encoder, "module", encoder).config
+    d = config.hidden_size
+    for path in _weight_files(getattr(config, "_name_or_path", "") or ""):
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                names = _pooler_names(f.keys())
+                tensors = [f.get_tensor(n) for n in names] if names else None
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            names = _pooler_names(state)
+            tensors = [state[n] for n in names] if names else None
+        if tensors is not None:
+            weight, bias = tensors
+            return (weight, bias) if tuple(weight.shape) == (d, d) and tuple(bias.shape) == (d,) else None
+    return None
+
+
+class ClsPooler(nn.Module):
+    """BERT's pooler, tanh(W h_[CLS] + b): the [CLS] vector (b, d) -> the pooled output (b, d), the paper's h(x).
+    Starts from the checkpoint's pooler weights when it has them (all-MiniLM-L6-v2 does), else from BERT's
+    initialiser; trained with the rest of the model."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        d = getattr(encoder, "module", encoder).config.hidden_size
+        self.dense = _linear(d, d)
+        pretrained = checkpoint_pooler(encoder)
+        if pretrained is not None:
+            with torch.no_grad():
+                self.dense.weight.copy_(pretrained[0])
+                self.dense.bias.copy_(pretrained[1])
+
+    def forward(self, cls_hidden: Tensor) -> Tensor:  # (b, d) -> (b, d)
+        return torch.tanh(self.dense(cls_hidden))
+
+
+def _pooler(encoder: nn.Module, pooling: str) -> nn.Module:
+    """What follows ``pooled_representation``: the [CLS] pooler for ``cls``, nothing (no weights) otherwise. Built
+    last in each model, so the other heads draw the same initial weights whatever the pooling."""
+    return ClsPooler(encoder) if pooling == "cls" else nn.Identity()
 
 
 @dataclass(frozen=True)
@@ -89,12 +171,13 @@ class ClassifierTeacher(nn.Module):
         self.domain_hidden_size = None  # no domain head
         self.dropout = nn.Dropout(dropout)
         self.classifier = _linear(encoder.config.hidden_size, num_labels)
+        self.pooler = _pooler(encoder, pooling)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
                 domain_ids: Tensor | None = None, *, with_attention_scores: bool = False) -> TeacherOutput:
         enc = encode(self.encoder, input_ids, attention_mask, token_type_ids,
                      with_attention_scores=with_attention_scores)
-        pooled = pooled_representation(enc.last_hidden, attention_mask, self.pooling)  # (b, d)
+        pooled = self.pooler(pooled_representation(enc.last_hidden, attention_mask, self.pooling))  # (b, d)
         return TeacherOutput(self.classifier(self.dropout(pooled)), enc, pooled)
 
     def save_pretrained(self, directory: str | Path, tokenizer: Any = None) -> Path:
@@ -116,13 +199,14 @@ class MTLTeacher(nn.Module):
         self.domain_hidden_size = None  # no domain head
         self.dropout = nn.Dropout(dropout)
         self.classifiers = nn.ModuleList(_linear(encoder.config.hidden_size, num_labels) for _ in range(num_domains))
+        self.pooler = _pooler(encoder, pooling)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
                 domain_ids: Tensor | None = None, *, with_attention_scores: bool = False) -> TeacherOutput:
         domain_ids = _need_domains(domain_ids, "MTLTeacher")
         enc = encode(self.encoder, input_ids, attention_mask, token_type_ids,
                      with_attention_scores=with_attention_scores)
-        pooled = pooled_representation(enc.last_hidden, attention_mask, self.pooling)  # (b, d)
+        pooled = self.pooler(pooled_representation(enc.last_hidden, attention_mask, self.pooling))  # (b, d)
         x = self.dropout(pooled)
         # Every head on every example, then pick: all heads stay in the graph (DDP needs no unused parameters).
         all_logits = torch.stack([head(x) for head in self.classifiers], dim=1)  # (b, k, c)
@@ -152,13 +236,14 @@ class MetaTeacher(nn.Module):
         self.classifier = _linear(d, num_labels)
         self.domain_head = DomainHead(d, num_domains)
         self.domain_classifier = _linear(d, num_domains)
+        self.pooler = _pooler(encoder, pooling)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
                 domain_ids: Tensor | None = None, *, with_attention_scores: bool = False) -> TeacherOutput:
         domain_ids = _need_domains(domain_ids, "MetaTeacher")
         enc = encode(self.encoder, input_ids, attention_mask, token_type_ids,
                      with_attention_scores=with_attention_scores)
-        pooled = pooled_representation(enc.last_hidden, attention_mask, self.pooling)  # h_T(x) (b, d)
+        pooled = self.pooler(pooled_representation(enc.last_hidden, attention_mask, self.pooling))  # h_T(x) (b, d)
         logits = self.classifier(self.dropout(pooled))  # (b, c)
         domain_hidden = self.domain_head(pooled, domain_ids)  # h_d(x) (b, d)
         domain_logits = self.domain_classifier(self.dropout(domain_hidden))  # (b, k)
@@ -194,12 +279,13 @@ class Student(nn.Module):
         self.W_h = _linear(d, teacher_hidden_size)
         self.domain_head = DomainHead(d, num_domains) if teacher_domain_hidden_size is not None else None
         self.W_d = _linear(d, teacher_domain_hidden_size) if teacher_domain_hidden_size is not None else None
+        self.pooler = _pooler(encoder, pooling)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None,
                 domain_ids: Tensor | None = None, *, with_attention_scores: bool = False) -> StudentOutput:
         enc = encode(self.encoder, input_ids, attention_mask, token_type_ids,
                      with_attention_scores=with_attention_scores)
-        pooled = pooled_representation(enc.last_hidden, attention_mask, self.pooling)  # (b, d_s)
+        pooled = self.pooler(pooled_representation(enc.last_hidden, attention_mask, self.pooling))  # (b, d_s)
         logits = self.classifier(self.dropout(pooled))  # (b, c)
         domain_hidden = None
         if self.domain_head is not None:

@@ -1,4 +1,5 @@
-"""``python -m metakd_ray.sweep CONFIG [key=value ...] [--dry-run [--json]]``: run a sweep (see the package doc).
+"""``python -m metakd_ray.sweep CONFIG [key=value ...] [--dry-run [--json]] [--verbose]``: run a sweep (see the
+package doc). ``--verbose`` shows what :mod:`metakd_ray.logs` hides by default (Ray's INFO lines, Tune's tables).
 
 ``--dry-run`` runs the preflight checks the run starts with (``metakd_ray.preflight``: storage root, data, models,
 cluster address) and prints the plan with its cost estimate; it exits 2, with ``error: <line>`` per problem, when
@@ -12,7 +13,7 @@ import json
 import sys
 
 from metakd_ray import config as C
-from metakd_ray import preflight
+from metakd_ray import logs, preflight
 from metakd_ray.sweep.plan import format_plan, make_plan
 
 
@@ -29,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     ap.add_argument("--dry-run", action="store_true", help="check everything, print the plan and exit")
     ap.add_argument("--json", action="store_true", help="with --dry-run: the plan as JSON")
+    ap.add_argument("--verbose", action="store_true",
+                    help="also print Ray's INFO logs, Tune's trial tables and the libraries' progress bars")
     args = ap.parse_intermixed_args(argv)
+    logs.quiet_environment(args.verbose)  # before anything imports ray
     try:
         cfg = C.load(args.config, args.overrides)
     except C.ConfigError as e:

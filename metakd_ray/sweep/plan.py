@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Mapping, Sequence
@@ -110,6 +111,7 @@ class Plan:
     waves: tuple[Wave, ...] = ()
     estimate: dict | None = None  # CPU-seconds per stage at 2-CPU speed (see calibration())
     compute: dict | None = None  # per stage (teacher, cache, trial): "<precision> on <device type>"
+    live_teacher: str | None = None  # why the trials run their teachers live, without caches (live_teacher_reason)
 
     @property
     def trials(self) -> int:
@@ -117,7 +119,10 @@ class Plan:
 
     @property
     def caches(self) -> list[dict]:
-        """One entry per distinct cache the cells need: teacher, domain, rate, seed."""
+        """One entry per distinct cache the cells need: teacher, domain, rate, seed (none when the teachers run
+        live, ``live_teacher``)."""
+        if self.live_teacher:
+            return []
         groups = dict.fromkeys(c.cache_group for c in self.cells if c.cache_group)
         return [{"teacher": t, "domain": d, "rate": r, "seed": s} for t, d, r, s in groups]
 
@@ -133,7 +138,7 @@ class Plan:
         return {"name": self.name, "trials_per_cell": self.trials_per_cell, "trials": self.trials,
                 "cells": [c.to_json() for c in self.cells], "teachers": [dict(t) for t in self.teachers],
                 "caches": self.caches, "waves": [dataclasses.asdict(w) for w in self.waves],
-                "estimate": self.estimate, "compute": self.compute}
+                "estimate": self.estimate, "compute": self.compute, "live_teacher": self.live_teacher}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Plan:
@@ -141,7 +146,7 @@ class Plan:
         return cls(name=str(d.get("name", "")), trials_per_cell=int(d.get("trials_per_cell") or 0),
                    cells=tuple(Cell.from_json(c) for c in d.get("cells") or ()),
                    teachers=tuple(d.get("teachers") or ()), waves=waves, estimate=d.get("estimate"),
-                   compute=d.get("compute"))
+                   compute=d.get("compute"), live_teacher=d.get("live_teacher") or None)
 
 
 def plan_cells(cfg: Any) -> tuple[Cell, ...]:
@@ -173,10 +178,44 @@ def make_plan(cfg: Any, domain_sizes: Mapping[str, int] | None = None) -> Plan:
         cells.append(c)
     shown = tuple({"key": k, "kind": s.kind, "domains": list(s.domains), "rate": s.rate, "seed": s.seed}
                   for k, s in teachers.items())
-    p = Plan(cfg.name, cfg.sweep.trials_per_cell, tuple(cells), shown, compute=stage_precisions(cfg))
+    live = live_teacher_reason(cfg) if teachers else None
+    p = Plan(cfg.name, cfg.sweep.trials_per_cell, tuple(cells), shown, compute=stage_precisions(cfg),
+             live_teacher=live)
     if domain_sizes:
         p = dataclasses.replace(p, estimate=estimate_cost(cfg, p, domain_sizes))
     return p
+
+
+def live_teacher_reason(cfg: Any, model_types: Sequence[str | None] | None = None) -> str | None:
+    """Why the sweep's cells get no caches and their trials run the teacher live (one line), or None when caches
+    serve them. ``model_types``: the teachers' encoder types (the sweep reads its exported teachers'); default
+    ``model.teacher``'s, from its config (None if it cannot be read here: caches are assumed, the run decides)."""
+    from metakd_ray.cache.job import live_only
+
+    if cfg.distill.teacher_dropout or cfg.distill.include_padding:
+        return ("distill.teacher_dropout / include_padding: a cache holds the eval-mode teacher on real tokens "
+                "only")
+    for model_type in (_teacher_model_type(cfg.model.teacher),) if model_types is None else model_types:
+        if why := live_only(model_type):
+            return f"model.teacher {cfg.model.teacher!r}: {why}"
+    return None
+
+
+def _teacher_model_type(name: str) -> str | None:
+    """``model_type`` of model ``name`` (``default``, a directory or a hub id in the local Hugging Face cache) from
+    its config alone; None when it cannot be read here."""
+    from metakd_ray.models.encoders import resolve_model
+    from metakd_ray.models.families import local_model_type
+
+    try:
+        resolved = resolve_model(name)
+        if os.path.isdir(resolved):
+            return local_model_type(resolved)
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(resolved, local_files_only=True).model_type
+    except Exception:  # noqa: BLE001 - not installed, not cached, unreadable: preflight and loading say why
+        return None
 
 
 def estimate_cost(cfg: Any, p: Plan, domain_sizes: Mapping[str, int]) -> dict[str, Any]:
@@ -254,6 +293,8 @@ def format_compute(compute: Mapping[str, str] | None) -> str:
 def format_plan(p: Plan) -> str:
     lines = [f"sweep {p.name}: {len(p.cells)} cells x {p.trials_per_cell} trials = {p.trials} trials; "
              f"{len(p.teachers)} teachers, {len(p.caches)} caches"]
+    if p.live_teacher:
+        lines.append(f"  no caches, trials run the teacher live: {p.live_teacher}")
     lines += [f"  teacher {t['key']}: {t['kind']} on {', '.join(t['domains'])}, rate {t['rate']:g}, seed {t['seed']}"
               for t in p.teachers]
     lines += [f"  cell {c.id}" for c in p.cells]

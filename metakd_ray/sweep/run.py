@@ -11,11 +11,13 @@ import threading
 from typing import Any, Iterator, Sequence
 
 from metakd_ray import config as C
+from metakd_ray import logs
 from metakd_ray.storage import Storage
 from metakd_ray.sweep.plan import PLAN_FILE, Cell, Plan, format_compute, make_plan, plan_waves
 from metakd_ray.sweep.records import ERROR, OK, TrialStore, error_line, trial_key
 
 METRIC, MODE = "dev_acc", "max"
+MAX_LISTED = 12  # the closing summary lists each cell's score and student up to this many cells
 
 
 class SweepConflict(ValueError):
@@ -23,18 +25,19 @@ class SweepConflict(ValueError):
 
 
 def trial_resources(cfg: C.Config) -> dict[str, float]:
-    """What one trial holds: ``ray.trial_cpus`` CPUs and, with ``ray.use_gpu``, ``ray.trial_gpus`` of a GPU (a
-    fraction shares a GPU between trials; its GPU-seconds count that fraction)."""
-    out = {"cpu": cfg.ray.trial_cpus}
-    if cfg.ray.gpus("trial"):
-        out["gpu"] = cfg.ray.gpus("trial")
-    return out
+    """What one trial holds, as ``tune.with_resources`` spells it: ``ray.trial_cpus`` CPUs, with ``ray.use_gpu``
+    ``ray.trial_gpus`` of a GPU (a fraction shares a GPU between trials; its GPU-seconds count that fraction), and
+    the custom resources of ``ray.trial_resources`` (e.g. ``{"trial_node": 0.001}``: only the trial worker type)."""
+    return {k.lower() if k in ("CPU", "GPU") else k: v for k, v in cfg.ray.requests("trial").items()}
 
 
 def run_trials(cfg: C.Config, cells: list[Cell], storage: Storage, experiment: str = "tune") -> Any:
     """The Tune stage of ``cells``: one experiment ``sweeps/<name>/<experiment>``, restored when it exists (finished
     trials are kept, unfinished ones resume from their last epoch, failed ones stay failed). Trials that Tune saw
     fail without their own error record (a worker killed, say) get one from Tune's public result."""
+    from metakd_ray.tracking import tune_callbacks
+
+    trackers = tune_callbacks(cfg, storage)  # first, before EtaCallback is imported: see tracking.tune_callbacks
     from ray import tune
 
     from metakd_ray.runtime import stage_precision
@@ -62,9 +65,9 @@ def run_trials(cfg: C.Config, cells: list[Cell], storage: Storage, experiment: s
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, num_samples=total,
                                         max_concurrent_trials=cfg.ray.max_concurrent_trials or None,
                                         reuse_actors=True, trial_dirname_creator=lambda t: t.trial_id),
-            run_config=tune.RunConfig(name=experiment, storage_path=exp_root, verbose=1,
+            run_config=tune.RunConfig(name=experiment, storage_path=exp_root, verbose=2 if logs.verbose() else 0,
                                       failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
-                                      callbacks=[EtaCallback(total)]),
+                                      callbacks=[EtaCallback(total), *trackers]),
         )
     grid = tuner.fit()
     record_tune_errors(grid, TrialStore(storage.sub("sweeps", cfg.name)))
@@ -308,6 +311,10 @@ def run_locked(cfg: C.Config, storage: Storage) -> int:
                   "to resume them", file=sys.stderr, flush=True)
             report(storage.uri(*sweep))
             return 1
+        if cfg.storage.keep_students == "selected":  # every trial of the wave's cells has ended
+            from metakd_ray.sweep.students import prune_unselected
+
+            prune_unselected(storage.uri(*sweep), wave.cells)
         p = dataclasses.replace(p, waves=tuple(dataclasses.replace(w, done=True) if w is wave else w
                                                for w in p.waves))
         storage.write_json(p.to_json(), *sweep, PLAN_FILE)
@@ -357,6 +364,14 @@ def report(sweep_dir: str) -> int:
     pending = summary[summary["status"] == "pending"]
     for _, row in failed.iterrows():
         print(f"[sweep] cell {row['cell']} failed: {row['error']}", flush=True)
+    ok = summary[summary["status"] == "ok"]
+    if 0 < len(ok) <= MAX_LISTED:
+        for _, row in ok.iterrows():
+            print(f"[sweep] cell {row['cell']}: test {row['test_acc']:.3f}"
+                  + (f", student {row['student_dir']}" if row.get("student_dir") else ""), flush=True)
+    elif len(ok):
+        where = paths.get("cells.csv", "report/cells.csv")
+        print(f"[sweep] each cell's accuracy and student folder (student_dir): {where}", flush=True)
     for _, row in pending.iterrows():
         print(f"[sweep] cell {row['cell']} did not finish ({int(row['n_trials'])} of its trials started); rerun "
               "the same command to resume it", flush=True)

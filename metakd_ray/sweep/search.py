@@ -17,6 +17,7 @@ A scheduler such as ASHA would compare trials across cells, so none is used.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 from ray import cloudpickle
@@ -99,7 +100,9 @@ class GridOfStudiesSearcher(Searcher):
                 self._next = (i + 1) % n
                 self.issued[cell["cell"]] += 1
                 self.trial_cell[trial_id] = cell["cell"]
-                hp = self._study(i).suggest(trial_id) or {}
+                with warnings.catch_warnings():  # the configured first point may lie outside the search range
+                    warnings.filterwarnings("ignore", message="Fixed parameter", category=UserWarning)
+                    hp = self._study(i).suggest(trial_id) or {}
                 # slot: this trial's index in its cell; with the cell and hp it names the trial's saved state
                 return {**cell, "hp": hp, "slot": self.issued[cell["cell"]] - 1}
         return Searcher.FINISHED

@@ -12,12 +12,28 @@ from typing import Any, Callable
 
 from metakd_ray import config as C
 from metakd_ray.storage import Storage
-from metakd_ray.sweep.plan import Cell, Plan
+from metakd_ray.sweep.plan import Cell, Plan, live_teacher_reason
+
+
+EVENTS = {  # how the teacher job's events read in the log
+    "prototype_scores": "prototype scores of {rows} training examples",
+    "train": "training ({workers} Ray Train workers; 0 = in this process)",
+    "exported": "exported: best dev {best_dev:.4f}, test {test_mean:.4f}",
+    "waiting": "{message}",
+}
 
 
 def show(event: dict) -> None:
-    print("[teacher] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                  for k, v in event.items()), flush=True)
+    """One ``[teacher] <key>: ...`` line per event of the teacher job."""
+    rest = {k: v for k, v in event.items() if k not in ("teacher", "event")}
+    template = EVENTS.get(str(event.get("event")))
+    try:
+        text = template.format(**rest) if template else None
+    except (KeyError, ValueError):
+        text = None
+    text = text or " ".join([str(event.get("event", ""))] + [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                           for k, v in rest.items()])
+    print(f"[teacher] {event.get('teacher', '')}: {text}", flush=True)
 
 
 def build_teachers(cfg: C.Config, p: Plan, storage: Storage, log: Callable[[dict], None] = show) -> dict:
@@ -56,12 +72,14 @@ class CacheGroup:
 
 
 def cache_groups(cfg: C.Config, cells: tuple[Cell, ...], storage: Storage) -> dict[tuple, CacheGroup]:
-    """The caches ``cells`` need, by cache group, with their estimated sizes; none when the distillation options
-    need the teacher run live. Their teachers must exist (:func:`build_teachers`)."""
+    """The caches ``cells`` need, by cache group, with their estimated sizes; none when the trials must run the
+    teacher live (``plan.live_teacher_reason``: the distillation options, or a DeBERTa-v2 teacher), said in one line.
+    Their teachers must exist (:func:`build_teachers`)."""
     from metakd_ray import cell as CELL
     from metakd_ray import data as D
     from metakd_ray import models as M
     from metakd_ray.cache import estimate_bytes, stored_layers
+    from metakd_ray.models.families import config_value
     from metakd_ray.teacher.artefact import (MODEL_DIR, TEACHERS, finished_teacher, prototype_parts,
                                              read_prototype_scores)
 
@@ -71,9 +89,11 @@ def cache_groups(cfg: C.Config, cells: tuple[Cell, ...], storage: Storage) -> di
             by_group.setdefault(c.cache_group, []).append(c)
     if not by_group:
         return {}
-    if cfg.distill.teacher_dropout or cfg.distill.include_padding:
-        # A cache holds the eval-mode teacher on real tokens only; these options need the teacher run live.
-        print("[sweep] distill.teacher_dropout / include_padding: no caches, trials run the teacher live", flush=True)
+    encoders = {key: storage.read_json(TEACHERS, key, MODEL_DIR, "encoder", "config.json")
+                for key in dict.fromkeys(key for key, *_ in by_group)}
+    why = live_teacher_reason(cfg, [enc.get("model_type") for enc in encoders.values()])
+    if why:
+        print(f"[sweep] no caches, trials run the teacher live: {why}", flush=True)
         return {}
     splits = D.load_splits(cfg.data)
     _, tokenizer = M.load_encoder(cfg.model.teacher)
@@ -81,9 +101,10 @@ def cache_groups(cfg: C.Config, cells: tuple[Cell, ...], storage: Storage) -> di
     for (key, domain, rate, seed), group in by_group.items():
         scores = read_prototype_scores(storage, *prototype_parts(key))
         data = CELL.student_data(cfg, splits, tokenizer, domain, rate, seed, scores)
-        enc = storage.read_json(TEACHERS, key, MODEL_DIR, "encoder", "config.json")
-        g = M.student_layer_map(cfg.model, int(enc["num_hidden_layers"]))
-        est = estimate_bytes([len(x) for x in data.train["input_ids"]], len(stored_layers(g)), int(enc["hidden_size"]))
+        enc = encoders[key]  # DistilBERT's config.json says n_layers and dim
+        g = M.student_layer_map(cfg.model, int(config_value(enc, "num_hidden_layers")))
+        est = estimate_bytes([len(x) for x in data.train["input_ids"]], len(stored_layers(g)),
+                             int(config_value(enc, "hidden_size")))
         meta = finished_teacher(storage, key).manifest["spec"]["kind"] == "meta"
         groups[(key, domain, rate, seed)] = CacheGroup(key, domain, group, data.train, scores if meta else None, g,
                                                        est)

@@ -5,10 +5,10 @@ teachers; everything that reads them is in ``teacher/artefact.py``.
 
 Data path: every worker loads the splits itself (``inputs(cfg)``: the data root comes from ``data.root`` or
 ``$METAKD_DATA``, so every node reads the same files), tokenises, attaches the stored prototype scores by id and
-reads them through a map-style ``DataLoader`` with our ``data.batching.EpochSampler``. We use this rather than Ray
-Data shards because a teacher's training set is small (a few thousand tokenised rows) and map-style, and because the
-loop stays the single-process one. The sampler gives exact epochs whose order is a function of (``spec.seed``,
-epoch) — grouped by length per ``compute.group_by_length`` — dealt out by stride as ``DistributedSampler`` does,
+reads them through a map-style ``DataLoader`` with our ``data.batching.EpochSampler`` (not Ray Data shards: a
+teacher's training set is small and map-style, and the loop stays the single-process one). The sampler gives exact
+epochs ordered by (``spec.seed``, epoch), grouped by length per ``compute.group_by_length``, dealt out by stride as
+``DistributedSampler`` does,
 with a per-worker batch of ``teacher.batch_size / workers``: the global batches are then the same rows for 1 or N
 workers, and DDP's gradient average over N equal shards equals the full batch's mean-loss gradient (up to float
 summation order). ``prepare_data_loader`` is not used: it would replace any sampler that is not a
@@ -18,7 +18,7 @@ and runs it in the precision the driver resolved (``spec.precision``).
 
 from __future__ import annotations
 
-import json
+import sys
 import os
 import tempfile
 import threading
@@ -35,7 +35,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
 from torch.utils.data import DataLoader
 
-from metakd_ray import cell
+from metakd_ray import cell, logs
 from metakd_ray import config as C
 from metakd_ray import data as D
 from metakd_ray import models as M
@@ -60,6 +60,7 @@ from metakd_ray.teacher.artefact import (
     write_prototype_scores,
 )
 from metakd_ray.teacher.model import build_teacher, pool_prototype_scores, teacher_logits, train_teacher
+from metakd_ray.tracking import teacher_tracking
 from metakd_ray.training import accuracy_by_domain, load_state, set_seed
 
 RUN_NAME = "train"  # the Ray Train run: teachers/<key>/train/ (same name and path = resume)
@@ -201,17 +202,23 @@ def train_loop_per_worker(config: dict) -> dict:
     # The encoder's buffers (position and token-type ids) are constants: synced once at DDP init, not every forward.
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
     checkpointer = RayCheckpointer(storage, spec.key, ddp=world > 1, local_mode=config["local_mode"])
+    tracker = config["tracking"].open() if rank == 0 else None  # storage.tracking; ends with the last epoch's log
+    progress = (logs.StepProgress(f"[teacher] {spec.key}", cfg.teacher.epochs, len(train_loader),
+                                  stream=sys.stdout) if rank == 0 else None)
 
     def log(metrics: dict) -> None:
         if rank == 0:
-            print(json.dumps({"teacher": spec.key, **{k: (round(v, 4) if isinstance(v, float) else v)
-                                                      for k, v in metrics.items()}}), flush=True)
+            print(logs.epoch_line(f"[teacher] {spec.key}", metrics, cfg.teacher.epochs), flush=True)
+            tracker.log(metrics)
         if hook is not None:
             hook(metrics)
 
     result = train_teacher(model, spec.kind, train_loader, dev_loader, cfg.teacher, num_domains=len(splits.domains),
                            domain_names=splits.domains, seed=spec.seed, checkpointer=checkpointer, log=log,
-                           set_epoch=sampler.set_epoch, runtime=runtime)
+                           set_epoch=sampler.set_epoch, runtime=runtime,
+                           on_step=progress.update if progress is not None else None)
+    if progress is not None:
+        progress.close()
     return {"start_epoch": checkpointer.start_epoch, "best_dev": result.best_dev, "best_epoch": result.best_epoch,
             "world_size": world, "n_train": len(train), "n_dev": len(dev), "device": runtime.device.type,
             "precision": runtime.precision}
@@ -253,11 +260,11 @@ def fit(cfg: C.Config, spec: TeacherSpec, storage: Storage, inputs: Callable[[C.
     # captured stdout) into the worker logs; plain prints are forwarded to the driver anyway.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     r = cfg.ray
-    resources = {"CPU": r.cpus_per_worker, **({"GPU": 1} if r.use_gpu else {})}
+    resources = r.requests("teacher")  # {"CPU": cpus_per_worker, "GPU": 1 with use_gpu, **teacher_resources}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "spec": spec, "storage": storage, "inputs": inputs, "epoch_hook": epoch_hook,
-                           "local_mode": r.train_workers == 0},
+                           "local_mode": r.train_workers == 0, "tracking": teacher_tracking(cfg, spec, storage)},
         torch_config=TorchConfig(backend="nccl" if r.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=r.train_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=RUN_NAME, storage_path=storage.path(TEACHERS, spec.key),

@@ -18,7 +18,7 @@ from torch import nn
 
 from metakd_ray import config as C
 from metakd_ray import data as D
-from metakd_ray import losses
+from metakd_ray import logs, losses
 from metakd_ray.cell import eval_loader, tokenize_splits, training_pool
 from metakd_ray.config import ModelConfig, TeacherConfig
 from metakd_ray.models import ClassifierTeacher, MetaTeacher, MTLTeacher
@@ -33,14 +33,15 @@ from metakd_ray.training import (Checkpointer, StageConfig, StageResult, accurac
 
 @torch.no_grad()
 def pooled_features(encoder: nn.Module, loader: Iterable[dict], pooling: str = "mean", *,
-                    runtime: Runtime = CPU_FP32) -> torch.Tensor:
+                    runtime: Runtime = CPU_FP32, progress: str | None = None) -> torch.Tensor:
     """h(x) for every example of ``loader``: (n, d) float32 on the CPU, from a frozen encoder in eval mode (on
     ``runtime``'s device, in its precision). Rows are in dataset order when the loader's ``sampler`` is a list of
-    row indices (``cell.eval_loader``, which runs rows longest first), else in loader order."""
+    row indices (``cell.eval_loader``, which runs rows longest first), else in loader order. ``progress``: a name
+    to show the pass's progress under (``logs.StepProgress``)."""
     was_training = encoder.training
     encoder.eval()
     out = []
-    for batch in loader:
+    for batch in (logs.progress_iter(loader, progress) if progress else loader):
         batch = runtime.to_device(batch)
         with runtime.autocast():
             hidden = encoder(**model_inputs(batch)).last_hidden_state  # (b, t, d)
@@ -93,7 +94,7 @@ def pool_prototype_scores(cfg: C.Config, splits: D.Splits, encoder: nn.Module, t
     excluded = domains.index(target) if cfg.teacher.exclude_target and kind not in ("single", "none") and target \
         else None
     feats = pooled_features(encoder.to(runtime.device), eval_loader(pool, D.collator(tokenizer)), cfg.model.pooling,
-                            runtime=runtime)
+                            runtime=runtime, progress="[teacher] prototype pass")
     labels = torch.tensor(D.column(pool, "label"))
     domain_ids = torch.tensor(D.column(pool, "domain_id"))
     scores = compute_prototype_scores(feats, labels, domain_ids, len(domains), splits.num_labels, cfg.teacher,
@@ -152,6 +153,7 @@ def train_teacher(
     log: Callable[[dict], None] | None = None,
     set_epoch: Callable[[int], None] | None = None,
     runtime: Runtime = CPU_FP32,
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> StageResult:
     """Train a teacher of ``kind`` with the reference recipe (AdamW, linear warmup/decay, grad-norm clipping),
     keeping the epoch with the best mean dev accuracy over the dev loader's domains. Resumable through
@@ -173,4 +175,5 @@ def train_teacher(
         set_epoch=set_epoch,
         extra_state={"teacher_config": dataclasses.asdict(tcfg), "kind": kind},
         runtime=runtime,
+        on_step=on_step,
     )
