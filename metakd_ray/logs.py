@@ -27,6 +27,7 @@ PROGRESS_EVERY_S = 30.0
 QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",  # no advisories from transformers
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # no "Loading weights" / "Writing model shards" bars per model load
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",  # no "tokenize" / "Filter" bars per split in the workers
     "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL": str(int(PROGRESS_EVERY_S)),  # Ray Data's progress in a file log
     "RAY_DEDUP_LOGS": "1",
     "RAY_AIR_NEW_OUTPUT": "0",  # Tune's older output engine, silent at verbose=0 (the new one prints a header)

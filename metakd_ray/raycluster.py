@@ -19,7 +19,8 @@ RAY_ENV = {
 }
 # Passed on to the workers of an existing cluster when set here (an embedded Ray inherits the driver's environment).
 FORWARDED = ("METAKD_DATA", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_VERBOSITY", "TOKENIZERS_PARALLELISM",
-             "METAKD_VERBOSE", "HF_HUB_DISABLE_PROGRESS_BARS", "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL")
+             "METAKD_VERBOSE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS",
+             "RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "RAY_AIR_NEW_OUTPUT")
 
 
 def connect_ray(cfg: C.Config) -> str:

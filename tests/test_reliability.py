@@ -232,7 +232,7 @@ def test_fault_two_drivers_on_one_sweep_and_two_sweeps_sharing_teachers(project,
     assert len(list((runs / "caches").glob("*/manifest.json"))) == 2
     # each teacher and cache was built by one driver only: its build lines appear in one log
     for key in (p.parent.name for p in (runs / "teachers").glob("*/manifest.json")):
-        built = [log for log in ("first", "other") if f"teacher={key} event=exported" in
+        built = [log for log in ("first", "other") if f"[teacher] {key}: exported" in
                  (tmp_path / f"{log}.log").read_text()]
         assert len(built) == 1, (key, built)
 

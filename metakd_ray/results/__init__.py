@@ -9,9 +9,13 @@ A sweep directory (``<storage.root>/sweeps/<name>/``) holds::
                                cache_key), trials_per_cell, teachers, caches, waves [{experiment, cells, done}]
     trials/<key>.json          each trial's own record (metakd_ray.sweep.records): status, errors, last and final
                                report; <key>.pt its training state while unfinished
+    trials/<key>.predictions.parquet
+                               its test-set predictions (id, label, pred, probs), when the trial wrote them
     costs.json                 {"teachers": {key: {wall_s, cpu_s, gpu_s, cells}}, "caches": {...}}
     tune/, tune-2/, ...        the Ray Tune experiments (one per wave of cells); not read here
-    report/                    written by report(): results.csv, cells.csv, scarcity.png, table.md, gamma2.png
+    report/                    written by report(): results.csv, cells.csv, scarcity.png, table.md, gamma2.png,
+                               teachers.csv (each teacher's manifest: ``<storage.root>/teachers/<key>/``),
+                               bootstrap.md (Meta-KD vs each baseline, paired bootstrap over the predictions)
 
 Only pandas, pyarrow and matplotlib are imported (never ray or torch), so this runs on a laptop against a copy of
 the sweep directory, or straight against ``s3://`` / ``gs://``::
@@ -19,12 +23,15 @@ the sweep directory, or straight against ``s3://`` / ``gs://``::
     python -m metakd_ray.results runs/sweeps/scarcity [--json | --csv]
 """
 
+from metakd_ray.results.bootstrap import paired_bootstrap, versus_baselines
 from metakd_ray.results.load import CELL_KEYS, COSTS, SHARED_COSTS, cells, load_results, total_cost
 from metakd_ray.results.plots import gamma2_curve, scarcity_curve
 from metakd_ray.results.report import main, report
 from metakd_ray.results.tables import (AMAZON_COLUMNS, METHOD_ORDER, MNLI_COLUMNS, PAPER_AMAZON, PAPER_MNLI_MEAN,
                                        paper_table)
+from metakd_ray.results.teachers import load_teachers, teacher_scores
 
 __all__ = ["CELL_KEYS", "COSTS", "SHARED_COSTS", "cells", "load_results", "total_cost", "gamma2_curve",
            "scarcity_curve", "main", "report", "AMAZON_COLUMNS", "METHOD_ORDER", "MNLI_COLUMNS", "PAPER_AMAZON",
-           "PAPER_MNLI_MEAN", "paper_table"]
+           "PAPER_MNLI_MEAN", "paper_table", "paired_bootstrap", "versus_baselines", "load_teachers",
+           "teacher_scores"]

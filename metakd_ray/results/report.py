@@ -1,5 +1,7 @@
-"""The report of a sweep: ``results.csv``, ``cells.csv``, ``table.md``, ``scarcity.png`` (and ``gamma2.png`` when
-gamma2 is an axis), and the ``python -m metakd_ray.results`` CLI."""
+"""The report of a sweep: ``results.csv``, ``cells.csv``, ``table.md`` (students and our teachers beside the paper's
+numbers), ``scarcity.png``, and when they apply ``gamma2.png`` (gamma2 is an axis), ``teachers.csv`` (the plan lists
+teachers) and ``bootstrap.md`` (the trials wrote test-set predictions); and the ``python -m metakd_ray.results``
+CLI."""
 
 from __future__ import annotations
 
@@ -9,19 +11,22 @@ from typing import Any
 
 import pandas as pd
 
+from metakd_ray.results.bootstrap import bootstrap_report
 from metakd_ray.results.load import ResultsError, cells, load_results, open_sweep
 from metakd_ray.results.plots import gamma2_curve, scarcity_curve, write
 from metakd_ray.results.tables import paper_table
+from metakd_ray.results.teachers import load_teachers
 from metakd_ray.storage import Storage
 
 
 def report(path: Any, out_dir: Any = None) -> dict[str, str]:
-    """Write results.csv, cells.csv, scarcity.png, table.md (and gamma2.png when gamma2 is an axis) into
-    ``out_dir`` (default ``<sweep_dir>/report/``; a local path or a URI); return {file name: path or URI}."""
+    """Write results.csv, cells.csv, scarcity.png, table.md (and gamma2.png when gamma2 is an axis, teachers.csv
+    when the plan lists teachers, bootstrap.md when trials wrote predictions) into ``out_dir`` (default
+    ``<sweep_dir>/report/``; a local path or a URI); return {file name: path or URI}."""
     return _report(path, out_dir)[0]
 
 
-def _report(path: Any, out_dir: Any) -> tuple[dict[str, str], pd.DataFrame]:
+def _report(path: Any, out_dir: Any) -> tuple[dict[str, str], pd.DataFrame, str]:
     st = open_sweep(path)
     df = load_results(st)
     if df.empty and not df.attrs.get("plan"):
@@ -32,11 +37,18 @@ def _report(path: Any, out_dir: Any) -> tuple[dict[str, str], pd.DataFrame]:
     def dest(name: str) -> tuple[Storage, str]:
         return (out, name) if out is not None else (st, f"report/{name}")
 
+    teachers = load_teachers(st, plan=df.attrs.get("plan") or {})
+    table = paper_table(cell_df, teachers)
     written = {
         "results.csv": write(dest("results.csv"), df.to_csv(index=False).encode()),
         "cells.csv": write(dest("cells.csv"), cell_df.to_csv(index=False).encode()),
-        "table.md": write(dest("table.md"), paper_table(cell_df).encode()),
+        "table.md": write(dest("table.md"), table.encode()),
     }
+    if len(teachers):
+        written["teachers.csv"] = write(dest("teachers.csv"), teachers.to_csv(index=False).encode())
+    boot = bootstrap_report(st, cell_df)
+    if boot is not None:
+        written["bootstrap.md"] = write(dest("bootstrap.md"), boot.encode())
     scarcity_curve(cell_df, dest("scarcity.png"))
     names = ["scarcity.png"]
     if cell_df["gamma2"].notna().any():
@@ -45,7 +57,7 @@ def _report(path: Any, out_dir: Any) -> tuple[dict[str, str], pd.DataFrame]:
     for name in names:
         where, rel = dest(name)
         written[name] = where.uri(rel)
-    return written, cell_df
+    return written, cell_df, table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {run_dir}: no such directory", file=sys.stderr)
         return 2
     try:
-        written, cell_df = _report(run_dir, None)
+        written, cell_df, table = _report(run_dir, None)
     except (FileNotFoundError, ResultsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -72,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.csv:
         sys.stdout.write(cell_df.to_csv(index=False))
     else:
-        sys.stdout.write(paper_table(cell_df))
+        sys.stdout.write(table)
     # With --json/--csv stdout is data; the paths go to stderr so a pipe gets clean JSON/CSV.
     dest = sys.stderr if (args.json or args.csv) else sys.stdout
     for name, p in written.items():

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
 from torch.utils.data import DataLoader
@@ -71,8 +71,7 @@ DDP_PREFIX = "module."
 
 @dataclass
 class TeacherInputs:
-    """What a teacher is made from: the splits, a freshly loaded pre-trained encoder (training changes it in place)
-    and its tokenizer."""
+    """What a teacher is made from: the splits, a fresh pre-trained encoder (trained in place), its tokenizer."""
 
     splits: D.Splits
     encoder: nn.Module
@@ -269,7 +268,8 @@ def fit(cfg: C.Config, spec: TeacherSpec, storage: Storage, inputs: Callable[[C.
         scaling_config=ScalingConfig(num_workers=r.train_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=RUN_NAME, storage_path=storage.path(TEACHERS, spec.key),
                              storage_filesystem=storage.fs, checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=max_failures)),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             logging_config=LoggingConfig(log_level=logs.ray_log_level())),  # --verbose: INFO
     )
     result = fit_off_main_thread(trainer)
     state = None
