@@ -161,6 +161,7 @@ def train_teacher(
     if kind == "meta" and num_domains < 2:
         raise ValueError("teacher kind 'meta' needs at least 2 domains (the domain-corruption loss draws a false "
                          f"domain from the others); got {num_domains}")
+    logs.quiet_driver()  # in a Ray Train worker, once Ray Train has set up its loggers (unless --verbose)
     stage = StageConfig(name=f"teacher-{kind}", epochs=tcfg.epochs, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
                         warmup=tcfg.warmup, grad_norm=tcfg.grad_norm)
     return train_stage(
