@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from toy import tiny_config, toy_tokenizer
+from toy import NO_METAKD, tiny_config, toy_tokenizer
 
 from metakd_ray import cell as CELL
 from metakd_ray import models as M
@@ -138,16 +138,7 @@ def test_export_rejects_wrong_label_names(exports, tmp_path):
 # Plain transformers, in a process without metakd_ray
 # ----------------------------------------------------------------------------------------------------------
 
-LOADER = r'''
-import importlib.abc, json, sys
-
-class NoMetaKD(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "metakd_ray" or name.startswith("metakd_ray."):
-            raise ImportError("the export must not need metakd_ray")
-        return None
-
-sys.meta_path.insert(0, NoMetaKD())
+LOADER = NO_METAKD + r'''
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import transformers as T
-from toy import tiny_config, toy_splits, toy_tokenizer
+from toy import NO_METAKD, tiny_config, toy_splits, toy_tokenizer
 
 from metakd_ray import cell as CELL
 from metakd_ray import config as C
@@ -317,16 +317,7 @@ def test_a_student_trains_one_step_with_each_layer_method(name, batch, tmp_path)
 # Export: plain transformers, in a process that never imports metakd_ray
 # ----------------------------------------------------------------------------------------------------------
 
-LOADER = r'''
-import importlib.abc, json, sys
-
-class NoMetaKD(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "metakd_ray" or name.startswith("metakd_ray."):
-            raise ImportError("the export must not need metakd_ray")
-        return None
-
-sys.meta_path.insert(0, NoMetaKD())
+LOADER = NO_METAKD + r'''
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

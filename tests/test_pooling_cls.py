@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from toy import tiny_config, toy_tokenizer
+from toy import NO_METAKD, tiny_config, toy_tokenizer
 
 from metakd_ray import cell as CELL
 from metakd_ray import models as M
@@ -133,16 +133,7 @@ def test_cls_student_saves_and_loads_its_trained_pooler(tmp_path, checkpoint):
 # Export: plain transformers, in a process without metakd_ray
 # ----------------------------------------------------------------------------------------------------------
 
-LOADER = r'''
-import importlib.abc, json, sys
-
-class NoMetaKD(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "metakd_ray" or name.startswith("metakd_ray."):
-            raise ImportError("the export must not need metakd_ray")
-        return None
-
-sys.meta_path.insert(0, NoMetaKD())
+LOADER = NO_METAKD + r'''
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 import toy
+from toy import NO_METAKD
 from metakd_ray.results import cells as result_cells
 from metakd_ray.results import load_results
 
@@ -114,16 +115,7 @@ def test_a_quiet_log_without_traceback(project, embedded):
     assert "[sweep] 2/2 cells ok, 0 failed" in lines
 
 
-PIPELINE = r'''
-import importlib.abc, json, sys
-
-class NoMetaKD(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "metakd_ray" or name.startswith("metakd_ray."):
-            raise ImportError("a kept student must not need metakd_ray")
-        return None
-
-sys.meta_path.insert(0, NoMetaKD())
+PIPELINE = NO_METAKD + r'''
 from transformers import pipeline
 
 out = {}

@@ -143,3 +143,17 @@ class KillAtEpoch:
         if metrics["epoch"] == self.epoch and not Path(self.marker).exists():
             Path(self.marker).write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+# The first lines of a script run in a subprocess that must work without this project: importing metakd_ray raises.
+NO_METAKD = '''
+import importlib.abc, json, sys
+
+class NoMetaKD(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "metakd_ray" or name.startswith("metakd_ray."):
+            raise ImportError("an export must not need metakd_ray")
+        return None
+
+sys.meta_path.insert(0, NoMetaKD())
+'''
