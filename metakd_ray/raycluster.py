@@ -109,7 +109,14 @@ ANY_SHAPE = {"*": float("inf")}
 def node_shapes() -> tuple[list[dict[str, float]], list[dict[str, float]] | None]:
     """(the resources of each alive node, those of each node type an autoscaler may add — None when the cluster has
     no autoscaler). The node types come from the cluster config the autoscaler publishes in the GCS (what Ray Train
-    reads to decide whether a worker group can ever be placed)."""
+    reads to decide whether a worker group can ever be placed); a cluster launcher's (v1) autoscaler publishes none,
+    so its node types count as :data:`ANY_SHAPE`."""
+    alive, types = _shapes()
+    return alive, None if types is None else [shape for shape, _ in types]
+
+
+def _shapes() -> tuple[list[dict[str, float]], list[tuple[dict[str, float], float]] | None]:
+    """(alive nodes, (shape, most nodes of it) per autoscaler node type, or None without an autoscaler)."""
     import ray
 
     alive = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
@@ -118,11 +125,51 @@ def node_shapes() -> tuple[list[dict[str, float]], list[dict[str, float]] | None
 
         config = state.get_cluster_config()
     except Exception:  # an older or newer Ray without this call: assume an autoscaler may help
-        return alive, [ANY_SHAPE]
+        return alive, [(ANY_SHAPE, float("inf"))]
     if config is None:
-        return alive, None
-    types = [dict(g.resources) for g in config.node_group_configs if g.max_count != 0]
-    return alive, types
+        return alive, [(ANY_SHAPE, float("inf"))] if _launcher_autoscaler() else None
+    return alive, [(dict(g.resources), float("inf") if g.max_count < 0 else float(g.max_count))
+                   for g in config.node_group_configs if g.max_count != 0]
+
+
+def _launcher_autoscaler() -> bool:
+    """Whether a cluster launcher's (v1) autoscaler with node types of its own runs (``ray up``, or ``ray start
+    --autoscaling-config``, e.g. cluster/local-fake.yaml). Its status in the GCS maps each node to a node type of its
+    config, where the read-only monitor of a plain ``ray start`` names each node's type ``node_<id>``."""
+    import json
+
+    try:
+        from ray._private import ray_constants
+        from ray.autoscaler._private.util import format_readonly_node_type
+        from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) if _internal_kv_initialized() else None
+        mapping = (json.loads(raw or "{}").get("autoscaler_report") or {}).get("node_type_mapping") or {}
+        return any(t != format_readonly_node_type(n) for n, t in mapping.items())
+    except Exception:  # a Ray without these internals: no sign of an autoscaler
+        return False
+
+
+def max_cpus() -> float:
+    """The CPUs this cluster has (no autoscaler) or can have: the alive nodes' and, with an autoscaler, each node
+    type's times its most nodes (``inf`` when a type's shape or count is unknown)."""
+    alive, types = _shapes()
+    total = sum(s.get("CPU", 0.0) for s in alive)
+    for shape, count in types or []:
+        cpus = shape.get("CPU", shape.get("*", 0.0))
+        total += cpus * count if cpus > 0 and count > 0 else 0.0
+    return total
+
+
+def actor_threads(request: dict[str, float], actors: int) -> int:
+    """Torch threads for each of ``actors`` actors asking ``request`` (``{"CPU": c, **custom}``): the CPUs of the
+    largest node (alive, or of a known autoscaler node type) that can hold one, shared by the pool — e.g. 1 actor x
+    2 threads or 2 actors x 1 thread on 2 CPUs; at least the actor's own CPUs when no such node is known yet."""
+    alive, types = node_shapes()
+    fits = [s.get("CPU", 0.0) for s in alive + [t for t in types or [] if "*" not in t]
+            if all(s.get(k, 0.0) >= v - 1e-9 for k, v in request.items() if v > 0)]
+    own = int(request.get("CPU", 1.0))
+    return max(1, own, int(max(fits) // max(actors, 1)) if fits else 0)
 
 
 def starts_local(cfg: C.Config) -> bool:

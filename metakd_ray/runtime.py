@@ -182,10 +182,17 @@ def _libc() -> Any:
         return None
 
 
-def release_memory() -> None:
+def release_memory(collect: bool = False) -> None:
     """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere). PyTorch frees a training
     step's activations into glibc's heap, which keeps them: without this, a trial's RSS grew by ~1.3 GB over an
-    epoch of 1,631 examples and stayed there (benchmarks/memory.py). Called after every epoch and trial."""
+    epoch of 1,631 examples and stayed there (benchmarks/memory.py). Called after every epoch and trial.
+    ``collect``: first free what only reference cycles keep alive (``gc.collect``): a reused trial actor's previous
+    student, optimiser and cache stay in cycles until Python's collector happens to run, which held 1-2 GB more
+    for ~20 s at the start of each trial of a reused actor (benchmarks/memory.py, scarcity wave)."""
+    if collect:
+        import gc
+
+        gc.collect()
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)

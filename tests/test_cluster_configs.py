@@ -97,3 +97,33 @@ def test_kuberay_cluster_derives_a_valid_autoscaling_config():
     bad["spec"]["workerGroupSpecs"][0]["maxReplica"] = bad["spec"]["workerGroupSpecs"][0].pop("maxReplicas")
     with pytest.raises(KeyError, match="maxReplicas"):
         _derive_autoscaling_config_from_ray_cr(bad)
+
+
+def test_local_fake_config_validates_and_uses_the_cloud_worker_types():
+    """cluster/local-fake.yaml (Ray's fake multi-node provider, tests/test_autoscaling.py runs it): the schema and
+    ``validate_config`` on the full file (``prepare_config`` needs ``fake_multi_node/example.yaml``, missing from the
+    wheel: ray guide §6.3), the worker-type names and custom resources of cluster/aws.yaml, all min 0."""
+    from ray.autoscaler._private.util import validate_config
+
+    raw, text = load("local-fake")
+    jsonschema.validate(raw, schema())
+    validate_config(copy.deepcopy(raw))
+    provider = raw["provider"]
+    assert provider["type"] == "fake_multinode" and provider["use_node_id_as_ip"] is True
+    assert provider["disable_node_updaters"] is True and "gcs_address" not in provider  # `ray start`'s port 6379
+    assert raw["head_node_type"] == "ray.head.default"  # the only head type name the fake provider knows
+    types = raw["available_node_types"]
+    aws = prepared(load("aws")[0])["available_node_types"]
+    assert set(types) == set(aws)
+    for name, node in types.items():  # the same custom resources per type; no GPU on this machine
+        assert {k for k in node["resources"] if k not in ("CPU", "GPU")} == \
+            {k for k in aws[name]["resources"] if k not in ("CPU", "GPU")}, name
+        assert "GPU" not in node["resources"]
+    workers = {k: v for k, v in types.items() if k != raw["head_node_type"]}
+    assert all(v["min_workers"] == 0 and 0 < v["max_workers"] <= 2 for v in workers.values())
+    assert sum(v["max_workers"] for v in workers.values()) <= raw["max_workers"] <= 4  # small: every node is a raylet
+    assert 0 < raw["idle_timeout_minutes"] <= 0.5
+    assert 0 < types["ray.head.default"]["resources"]["CPU"] < types["ray.worker.trial"]["resources"]["CPU"]
+    assert "RAY_FAKE_CLUSTER=1" in text and "--autoscaling-config=cluster/local-fake.yaml" in text
+    readme = (REPO / "README.md").read_text()
+    assert "--autoscaling-config=cluster/local-fake.yaml" in readme and "RAY_FAKE_CLUSTER=1" in readme

@@ -343,3 +343,73 @@ def test_no_stale_references_to_the_old_kuberay_path():
     for path in [REPO / "README.md", *(REPO / "cluster").rglob("*.yaml"), *(REPO / "tests").glob("*.py"),
                  *(REPO / "docs").rglob("*.md"), *(REPO / "sweeps").glob("*.yaml")]:
         assert old not in path.read_text(), path
+
+
+# ---------------------------------------------------------------------------------------------------- autoscalers
+
+
+def test_cluster_launcher_autoscaler_counts_as_one(monkeypatch):
+    """A cluster launcher's (v1) autoscaler (``ray up``, ``ray start --autoscaling-config``, cluster/local-fake.yaml)
+    publishes no cluster config, only its status, which maps the nodes to its node types: node types of unknown
+    shape, so a stage asking for a custom resource no node has yet is not refused, and neither is the cache job's
+    actor pool on a head with few CPUs. The read-only monitor of a plain ``ray start`` names each node's type
+    ``node_<id>``: no autoscaler, the old checks hold."""
+    import json
+
+    import ray
+    from ray._private.state import state
+    from ray.experimental import internal_kv
+
+    from metakd_ray import raycluster as RC
+    from metakd_ray.cache import build as KB
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 1.0}},
+                                               {"Alive": False, "Resources": {"CPU": 8.0, "trial_node": 1.0}}])
+    monkeypatch.setattr(state, "get_cluster_config", lambda: None)
+    status = {}
+    monkeypatch.setattr(internal_kv, "_internal_kv_initialized", lambda: True)
+    monkeypatch.setattr(internal_kv, "_internal_kv_get", lambda key: json.dumps(status).encode())
+    head = "f" * 51 + "00000"
+    on_types = C.from_dict({}, ["ray.trial_cpus=2", "ray.trial_resources.trial_node=1"])
+    status["autoscaler_report"] = {"node_type_mapping": {head: f"node_{head}"}}  # plain `ray start`
+    assert RC.node_shapes() == ([{"CPU": 1.0}], None) and RC.max_cpus() == 1.0
+    with pytest.raises(UnsatisfiableResources, match="no autoscaler"):
+        check_resources(on_types)
+    with pytest.raises(ValueError, match="deadlock"):
+        KB.check_actor_pool(1, 1.0, RC.max_cpus())
+    status["autoscaler_report"] = {"node_type_mapping": {head: "ray.head.default"}}  # an autoscaler's own types
+    assert RC.node_shapes() == ([{"CPU": 1.0}], [ANY_SHAPE]) and RC.max_cpus() == float("inf")
+    check_resources(on_types)
+    KB.check_actor_pool(1, 1.0, RC.max_cpus())
+    assert RC.actor_threads({"CPU": 1.0, "gpu_node": 1.0}, 1) == 1  # no node known to hold it: its own CPUs
+    assert RC.actor_threads({"CPU": 0.5}, 1) == 1
+    # an autoscaler that publishes its node types (KubeRay's v2): their shapes and most nodes count
+    group = types.SimpleNamespace
+    config = types.SimpleNamespace(node_group_configs=[group(resources={"CPU": 4.0, "gpu_node": 1.0}, max_count=2),
+                                                       group(resources={"CPU": 8.0, "trial_node": 1.0}, max_count=3),
+                                                       group(resources={"CPU": 16.0}, max_count=0)])
+    monkeypatch.setattr(state, "get_cluster_config", lambda: config)
+    assert RC.node_shapes()[1] == [{"CPU": 4.0, "gpu_node": 1.0}, {"CPU": 8.0, "trial_node": 1.0}]
+    assert RC.max_cpus() == 1.0 + 2 * 4.0 + 3 * 8.0
+    assert RC.actor_threads({"CPU": 1.0, "gpu_node": 1.0}, 2) == 2  # a 4-CPU gpu_node node shared by 2 actors
+    config.node_group_configs[1].max_count = -1  # no limit
+    assert RC.max_cpus() == float("inf")
+
+
+def test_local_fake_worker_types_satisfy_its_documented_overrides(tmp_path):
+    raw, text = load("local-fake")
+    overrides = ("ray.train_workers=1", "ray.teacher_resources.gpu_node=1", "ray.cache_resources.gpu_node=1",
+                 "ray.trial_cpus=2", "ray.trial_resources.trial_node=1")
+    for override in overrides:
+        assert override in " ".join(text.split()), override  # the header documents every override
+    nodes = raw["available_node_types"]
+    head = nodes[raw["head_node_type"]]["resources"]
+    workers = {k: v["resources"] for k, v in nodes.items() if k != raw["head_node_type"]}
+    sweep = C.from_dict({"storage": {"root": str(tmp_path)}}, overrides)
+    check_resources(sweep, ([head], list(workers.values())))
+    with pytest.raises(UnsatisfiableResources):  # the head alone holds no stage: each needs a worker
+        check_resources(sweep, ([head], None))
+    for stage, name in (("teacher", "ray.worker.gpu"), ("cache", "ray.worker.gpu"), ("trial", "ray.worker.trial")):
+        fit = [k for k, shape in workers.items()
+               if all(shape.get(r, 0) >= v for r, v in sweep.ray.requests(stage).items())]
+        assert fit == [name], (stage, fit)

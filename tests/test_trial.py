@@ -84,6 +84,7 @@ def test_trial_in_real_tune_writes_its_final_record_and_a_restart_reports_it(ray
     assert rec.status == OK and rec.attempts == 1 and rec.experiment == "tune" and rec.trial_id == first.metrics[
         "trial_id"]
     assert rec.final["phase"] == "final" and 0.0 <= rec.final["test_acc"] <= 1.0 and rec.final["n_train"] > 0
+    assert rec.final["node_id"] == ray_session.get_runtime_context().get_node_id()  # the session's one node
     assert rec.final == {k: first.metrics[k] for k in rec.final}  # what Tune got is the record
     assert store.read_state(rec.key) is None  # the training state is gone once the trial is done
     assert yaml.safe_load((tmp_path / "proj" / "runs" / "sweeps" / "s" / "config.yaml").read_text())["name"]

@@ -157,3 +157,84 @@ class NoMetaKD(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, NoMetaKD())
 '''
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sentence pairs, 3 labels (MNLI-shaped): the same three domains
+# ----------------------------------------------------------------------------------------------------------
+
+PAIR_LABELS = ("entailment", "neutral", "contradiction")
+CUES = ["red", "blue", "green", "black"]  # the premise's topic word
+OTHERS = ["sun", "rain", "snow", "wind"]  # an unrelated topic, only ever in a neutral hypothesis
+
+
+def pair_tokenizer():
+    """``toy_tokenizer``'s vocabulary (same ids) plus the pair words: ``not``, the cues and the unrelated words."""
+    from transformers import BertTokenizerFast
+
+    ids = toy_tokenizer().get_vocab()
+    vocab = sorted(ids, key=ids.get) + ["not", *CUES, *OTHERS]
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+
+
+def pair_splits(n_per_domain: int = 60) -> D.Splits:
+    """Premise = domain noise words around a cue word (red/blue/green/black). Hypothesis: the same cue
+    (entailment), ``not`` + the same cue (contradiction) or a word of an unrelated topic (neutral), with a domain
+    noise word. The premise alone says nothing of the label (same distribution in every class): a model beats
+    chance (1/3) only if the second text reaches it. Splits as ``toy_splits`` (1/6 test, 1/6 dev, 2/3 train per
+    domain), every split with every class; labels as their names (a table corpus maps them to ids)."""
+    rng = random.Random(1)
+    parts = defaultdict(list)
+    for di, dom in enumerate(DOMAINS):
+        for i in range(n_per_domain):
+            label = i % 3
+            cue = rng.choice(CUES)
+            premise = [rng.choice(WORDS[dom]) for _ in range(rng.randint(2, 4))]
+            premise.insert(rng.randint(0, len(premise)), cue)
+            hypothesis = [[cue], [rng.choice(OTHERS)], ["not", cue]][label]
+            hypothesis.insert(rng.choice([0, len(hypothesis)]), rng.choice(WORDS[dom]))
+            triple = i // 3  # the three labels of a triple go to the same split: every split has every class
+            split = "test" if triple % 6 == 0 else "dev" if triple % 6 == 1 else "train"
+            parts[split].append({"id": f"{dom}/{i:03d}", "text": " ".join(premise), "text_pair": " ".join(hypothesis),
+                                 "label": PAIR_LABELS[label], "domain": dom, "domain_id": di})
+    dd = datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in parts.items()})
+    return D.Splits(data=dd, label_names=PAIR_LABELS, domains=DOMAINS)
+
+
+def write_pair_project(root, *overrides: str, n_per_domain: int = 60):
+    """``write_toy_project`` for sentence pairs: ``corpus/{train,dev,test}.csv`` with columns text, text_pair, label
+    (entailment / neutral / contradiction), domain (``data.table.text_pair_column: text_pair``), ``model/`` (a tiny
+    random BERT with ``pair_tokenizer``) and ``sweep.yaml``: every teacher kind and student method the config
+    allows, one target domain, one seed, one trial per cell, fp32. Returns the config path."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(root)
+    (root / "corpus").mkdir(parents=True, exist_ok=True)
+    splits = pair_splits(n_per_domain)
+    for name in ("train", "dev", "test"):
+        splits[name].select_columns(["text", "text_pair", "label", "domain"]).to_csv(str(root / "corpus" / f"{name}.csv"))
+    tokenizer = pair_tokenizer()
+    encoder = M.random_encoder(vocab_size=len(tokenizer), max_position=32, dropout=0.0, seed=0)
+    encoder.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    cfg = {
+        "name": "pairs",
+        "data": {"dataset": "table", "root": str(root / "corpus"), "domains": list(DOMAINS), "max_length": 16,
+                 "table": {"train": "train.csv", "dev": "dev.csv", "test": "test.csv", "text_pair_column": "text_pair"}},
+        "model": {"teacher": str(root / "model"), "dropout": 0.0, "student": {"num_layers": 1}},
+        # training is ~1 s of a cell here (start-up is the rest): enough epochs to learn the rule well
+        "teacher": {"epochs": 8, "lr": 0.005, "batch_size": 8, "warmup": 0.0},
+        "distill": {"stage1_epochs": 2, "stage1_lr": 0.003, "stage2_epochs": 15, "stage2_lr": 0.003,
+                    "batch_size": 8, "warmup": 0.0},
+        "compute": {"precision": "fp32"},
+        "sweep": {"target_domains": ["beta"], "sample_rates": [1.0], "methods": list(C.VALID_METHODS),
+                  "seeds": [0], "trials_per_cell": 1},
+        "ray": {"train_workers": 0, "cache_actors": 1, "cpus_per_actor": 1.0, "trial_cpus": 1.0},
+        "storage": {"root": str(root / "runs"), "tracking": []},
+    }
+    path = root / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    C.load(path, list(overrides))  # fail here, not in a subprocess, if the config is wrong
+    return path

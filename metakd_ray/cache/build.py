@@ -20,6 +20,7 @@ from metakd_ray.cache.job import CacheJob, cache_job
 from metakd_ray.cache.store import (CACHES, MANIFEST, CacheError, CacheRef, file_entry, find_cache, log, prune,
                                     publish, remove_orphan_staging, root_cause, touch, verify)
 from metakd_ray.locks import cache_lock
+from metakd_ray.raycluster import actor_threads, max_cpus
 from metakd_ray.storage import Storage
 from metakd_ray.teacher.artefact import TeacherLocation
 
@@ -27,14 +28,15 @@ TEACHER_COL, CACHE_COL = "_teacher", "_cache"  # the columns of a job that build
 
 def check_actor_pool(actors: int, cpus_per_actor: float, cluster_cpus: float) -> None:
     """Raise unless the actor pool leaves at least one CPU for Ray Data's read/write tasks: Ray Data starts the
-    pool's actors before any other task, so a pool holding every CPU waits forever (ray-project/ray#44687)."""
+    pool's actors before any other task, so a pool holding every CPU waits forever (ray-project/ray#44687).
+    ``cluster_cpus``: what the cluster has or, with an autoscaler, can have (``raycluster.max_cpus``)."""
     if actors < 1 or cpus_per_actor <= 0:
         raise ValueError(f"ray.cache_actors={actors} and ray.cpus_per_actor={cpus_per_actor} must be positive")
     used = actors * cpus_per_actor
     if used > cluster_cpus - 1 + 1e-9:
         raise ValueError(
             f"ray.cache_actors * ray.cpus_per_actor = {actors} x {cpus_per_actor:g} = {used:g} CPUs, but the cluster "
-            f"has {cluster_cpus:g}: the cache job needs the pool to leave at least 1 CPU free for Ray Data's "
+            f"can have {cluster_cpus:g}: the cache job needs the pool to leave at least 1 CPU free for Ray Data's "
             f"read/write tasks, or it deadlocks (Ray starts the actors first; ray-project/ray#44687). Use at most "
             f"{max(cluster_cpus - 1, 0):g} CPUs in all, e.g. ray.cache_actors=1 ray.cpus_per_actor=1 on 2 CPUs, "
             f"or ray.cache_actors=2 ray.cpus_per_actor=0.5")
@@ -174,12 +176,12 @@ def run_teacher_job(table: pa.Table, teacher: TeacherLocation, out_storage: Stor
     ctx = ray.data.DataContext.get_current()  # per driver process
     ctx.enable_progress_bars = logs.data_progress_bars()
     ctx.execution_no_progress_timeout_s = 300
-    cluster_cpus = float(ray.cluster_resources().get("CPU", 0))
-    check_actor_pool(actors, cpus_per_actor, cluster_cpus)
-    # torch threads per actor: the node's CPUs shared by the pool (the read/write tasks are light), e.g. 1 actor x 2
-    # threads or 2 actors x 1 thread on 2 CPUs (benchmarks/precompute.py measured the latter faster).
-    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=cluster_cpus)
-    threads = threads_per_actor or max(1, int(min(node_cpus, cluster_cpus) // actors))
+    # the CPUs the cluster has, or with an autoscaler can have (a head with none, workers added on demand)
+    check_actor_pool(actors, cpus_per_actor, max_cpus())
+    # torch threads per actor: the CPUs of a node that can hold one shared by the pool (the read/write tasks are
+    # light); 2 actors x 1 thread beat 1 actor x 2 threads on 2 CPUs (benchmarks/precompute.py).
+    request = {"CPU": cpus_per_actor, "GPU": gpus_per_actor, **(resources_per_actor or {})}
+    threads = threads_per_actor or actor_threads(request, actors)
     n = table.num_rows
     rows = rows_per_block or max(batch_size, min(4 * batch_size, math.ceil(n / (2 * actors))))
     t0 = time.perf_counter()

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from metakd_ray.cache.format import decode_matrix
 from metakd_ray.cache.store import CacheError, CacheRef
 from metakd_ray.distill import TeacherRecord
+from metakd_ray.runtime import release_memory
 from metakd_ray.teacher.artefact import TeacherLocation, teacher_fingerprint
 
 
@@ -119,6 +120,7 @@ def load_cache(ref: CacheRef, verify: bool = True) -> LoadedCache:
         _LOADED[ref.fingerprint] = _LOADED.pop(ref.fingerprint)  # now the most recent
         return _LOADED[ref.fingerprint]
     _keep_recent(_LOADED, KEEP_LOADED - 1)  # room first: never two big caches at once
+    release_memory(collect=True)  # ... not even one that a finished trial's objects keep in a reference cycle
     m, storage = ref.manifest, ref.storage()
     width = int(m["teacher"]["hidden_size"])
     names = [f"hidden_{L}" for L in m["stored_layers"]]

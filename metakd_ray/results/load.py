@@ -200,6 +200,7 @@ def _trial_row(rec: Any, plan_cell: dict) -> dict:
         "teacher_source": final.get("teacher_source") or "", "start_time": rec.start_time,
         "n_params": final.get("n_params"), "teacher_params": final.get("teacher_params"),
         "student_dir": final.get("student_dir") or "", "student_bytes": final.get("student_bytes"),
+        "node_id": final.get("node_id") or "",
     }
     for k, v in (rec.hp or {}).items():
         row[f"hp_{k}"] = v
@@ -236,8 +237,9 @@ def load_results(path: Any) -> pd.DataFrame:
     test_acc (NaN until the final report), n_train, wall_s, cpu_s, gpu_s, teacher_key, cache_key, teacher_source
     (cache / live / ""), start_time (UTC), n_params (the exported student's parameters), teacher_params,
     student_dir (the URI of the trial's exported student; "" when it was not kept, see ``storage.keep_students``),
-    student_bytes (its size on storage), the shared costs teacher_{wall,cpu,gpu}_s and cache_{wall,cpu,gpu}_s, and
-    hp_<name> per hyper-parameter. ``df.attrs``: ``plan`` (plan.json as a dict, or None), ``config`` (config.yaml
+    student_bytes (its size on storage), node_id (the hex id of the Ray node the finished trial ran on; "" before
+    its final report), the shared costs teacher_{wall,cpu,gpu}_s and cache_{wall,cpu,gpu}_s, and hp_<name> per
+    hyper-parameter. ``df.attrs``: ``plan`` (plan.json as a dict, or None), ``config`` (config.yaml
     as a dict, or None), ``costs``, ``unattributed`` (shared cost on no row) and ``sweep_dir``.
 
     A damaged plan.json, costs.json, config.yaml or trial record (not valid JSON/YAML, cut short, not the shape the

@@ -14,7 +14,8 @@ that no longer exists, and Tune errors the trial. Here the one state there is, i
 Reported metrics: every epoch ``dev_acc`` (best target-domain dev accuracy so far of the dev-selected stage; 0.0
 before it), ``phase`` (stage name), ``epoch``, ``train_*``; the last report ``phase: "final"``, ``test_acc``,
 ``dev_acc``, ``wall_s``, ``cpu_s``, ``gpu_s``, ``n_train``, ``teacher_key``, ``cache_key``, ``teacher_source``
-(``cache``, ``live``, or ``""`` without a teacher), ``device`` and ``precision`` (what the student ran with).
+(``cache``, ``live``, or ``""`` without a teacher), ``device`` and ``precision`` (what the student ran with),
+``node_id`` (the Ray node it ran on).
 ``gpu_s`` counts the GPU share the trial held (``ray.trial_gpus``), not whole GPUs. The final report also gives
 ``n_params`` (the exported student's parameters), ``teacher_params`` (the teacher encoder's and its classifier's),
 ``student_dir`` and ``student_bytes`` (where the dev-best student was exported, and its size; ``""``/0 with
@@ -42,7 +43,7 @@ from metakd_ray import faults
 from metakd_ray import models as M
 from metakd_ray.distill import LiveTeacher, Stage
 from metakd_ray.faults import FAULTS_ENV
-from metakd_ray.runtime import CPU_FP32, Runtime, runtime_for
+from metakd_ray.runtime import CPU_FP32, Runtime, release_memory, runtime_for
 from metakd_ray.storage import Storage
 from metakd_ray.sweep.plan import Cell
 from metakd_ray.sweep.records import TrialRecord, TrialStore, error_line, trial_key
@@ -159,6 +160,7 @@ def _train(config: dict, c: Cell, store: TrialStore, record: list[TrialRecord], 
     """Train the trial's student; return its final report."""
     from ray import tune
 
+    release_memory(collect=True)  # what an earlier trial of this (reused) actor left in reference cycles
     t0, c0 = time.time(), _cpu_seconds()
     cfg = cell_config(config)
     torch.set_num_threads(max(1, int(round(cfg.ray.trial_cpus))))
@@ -183,9 +185,16 @@ def _train(config: dict, c: Cell, store: TrialStore, record: list[TrialRecord], 
             "test_acc": test, "wall_s": wall, "cpu_s": _cpu_seconds() - c0,
             "gpu_s": wall * gpus, "n_train": len(data.train), "teacher_key": c.teacher_key,
             "cache_key": c.cache_key, "teacher_source": teacher.kind if teacher is not None else "",
-            "device": runtime.device.type, "precision": runtime.precision,
+            "device": runtime.device.type, "precision": runtime.precision, "node_id": _node_id(),
             "teacher_params": M.param_count(encoder) + (encoder.config.hidden_size + 1) * splits.num_labels,
             **kept, "resumed": dict(progress.get("resumed", {}))}  # stage -> the epoch a retry resumed at
+
+
+def _node_id() -> str:
+    """The Ray node this trial ran on (its hex id; ``""`` outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def keep_outputs(config: dict, cfg: C.Config, c: Cell, store: TrialStore, key: str, run: CELL.StudentRun,
@@ -239,4 +248,5 @@ def run_trial(config: dict) -> None:
         raise
     store.write(record[0].finished(final))  # first the record, then the report
     store.drop_state(key)
+    release_memory(collect=True)  # the student, optimiser and cache rows of this trial, before the actor idles
     tune.report(final)
