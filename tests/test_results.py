@@ -242,7 +242,11 @@ def test_report_writes_files_and_gamma2_curve(sweep, tmp_path):
         for seed in (0, 1):
             sweep.trial(sweep.cell("books", 1.0, OURS, seed, gamma2=g2), dev=0.5, test=acc + 0.01 * seed)
     written = R.report(sweep.write(trials_per_cell=1))
-    assert set(written) == {"results.csv", "cells.csv", "table.md", "scarcity.png", "gamma2.png"}
+    assert set(written) == {"results.csv", "cells.csv", "per_seed.csv", "table.md", "scarcity.png", "gamma2.png"}
+    seeds = pd.read_csv(written["per_seed.csv"])
+    assert list(seeds.columns) == list(R.PER_SEED_COLUMNS) and len(seeds) == 6
+    assert set(seeds["method"]) == {"meta_kd"} and set(seeds["teacher"]) == {"meta"}
+    assert seeds.set_index(["gamma2", "seed"]).loc[(0.2, 1), "test_acc"] == pytest.approx(0.87)
     for name, p in written.items():
         assert Path(p).parent == sweep.root / "report" and Path(p).stat().st_size > 0
         if name.endswith(".png"):
@@ -289,3 +293,30 @@ def test_module_entry_point_without_ray(sweep):
     r = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("cell,") and "wrote" in r.stderr
+
+
+def test_per_seed_rows_of_students_and_their_teachers():
+    """docs/results/*.csv's format: a student row per finished cell (its dev-selected trial), a teacher row per
+    teacher and target domain (the manifest's test accuracy on that domain); pending cells and teachers without a
+    manifest give no row."""
+    plan = Plan("demo", 1, (Cell("books", 0.5, BASE, 0, teacher_key="t-single"),
+                            Cell("books", 0.5, OURS, 0, teacher_key="t-meta"),
+                            Cell("dvd", 0.5, OURS, 0, teacher_key="t-meta"),
+                            Cell("dvd", 0.5, "none/finetune", 0))).to_json()
+    cell_df = pd.DataFrame([
+        {"cell": c["cell"], "domain": c["domain"], "rate": 0.5, "method": c["method"], "seed": 0,
+         "gamma2": float("nan"), "status": st, "dev_acc": dev, "test_acc": test, "n_trials": 1}
+        for c, (st, dev, test) in zip(plan["cells"], [("ok", 0.8, 0.78), ("ok", 0.9, 0.88), ("ok", 0.85, 0.84),
+                                                      ("pending", float("nan"), float("nan"))])])
+    cell_df.attrs["plan"] = plan
+    teachers = pd.DataFrame([{"teacher_key": "t-single", "kind": "single", "best_dev": 0.81, "test_acc_books": 0.79,
+                              "test_acc_dvd": float("nan")},
+                             {"teacher_key": "t-meta", "kind": "meta", "best_dev": 0.9, "test_acc_books": 0.91,
+                              "test_acc_dvd": 0.87}])
+    rows = R.per_seed(cell_df, teachers)
+    got = {(r.teacher, r.method, r.domain): (r.dev_acc, r.test_acc) for r in rows.itertuples()}
+    assert got == {("single", "tinybert_kd", "books"): (0.8, 0.78), ("meta", "meta_kd", "books"): (0.9, 0.88),
+                   ("meta", "meta_kd", "dvd"): (0.85, 0.84), ("single", "teacher", "books"): (0.81, 0.79),
+                   ("meta", "teacher", "books"): (0.9, 0.91), ("meta", "teacher", "dvd"): (0.9, 0.87)}
+    assert (rows["sample_rate"] == 0.5).all() and (rows["seed"] == 0).all()
+    assert rows["test_acc"].between(0, 1).all()

@@ -326,7 +326,7 @@ def test_report_writes_bootstrap_md_from_predictions_and_warns_on_a_damaged_file
 
 def test_older_sweeps_without_predictions_or_teachers_report_as_before(tmp_path):
     written = R.report(amazon_table_sweep(Sweep(tmp_path / "sweeps" / "demo")))
-    assert set(written) == {"results.csv", "cells.csv", "table.md", "scarcity.png"}
+    assert set(written) == {"results.csv", "cells.csv", "per_seed.csv", "table.md", "scarcity.png"}
     md = Path(written["table.md"]).read_text()
     assert "(ours)" not in md and "Compression" not in md and "Teacher rows are the paper's." in md
 

@@ -28,10 +28,10 @@ from metakd_ray.results.load import CELL_KEYS, COSTS, SHARED_COSTS, cells, load_
 from metakd_ray.results.plots import gamma2_curve, scarcity_curve
 from metakd_ray.results.report import main, report
 from metakd_ray.results.tables import (AMAZON_COLUMNS, METHOD_ORDER, MNLI_COLUMNS, PAPER_AMAZON, PAPER_MNLI_MEAN,
-                                       paper_table)
+                                       PER_SEED_COLUMNS, paper_table, per_seed)
 from metakd_ray.results.teachers import load_teachers, teacher_scores
 
 __all__ = ["CELL_KEYS", "COSTS", "SHARED_COSTS", "cells", "load_results", "total_cost", "gamma2_curve",
            "scarcity_curve", "main", "report", "AMAZON_COLUMNS", "METHOD_ORDER", "MNLI_COLUMNS", "PAPER_AMAZON",
-           "PAPER_MNLI_MEAN", "paper_table", "paired_bootstrap", "versus_baselines", "load_teachers",
+           "PAPER_MNLI_MEAN", "PER_SEED_COLUMNS", "paper_table", "per_seed", "paired_bootstrap", "versus_baselines", "load_teachers",
            "teacher_scores"]

@@ -14,13 +14,13 @@ import pandas as pd
 from metakd_ray.results.bootstrap import bootstrap_report
 from metakd_ray.results.load import ResultsError, cells, load_results, open_sweep
 from metakd_ray.results.plots import gamma2_curve, scarcity_curve, write
-from metakd_ray.results.tables import paper_table
+from metakd_ray.results.tables import paper_table, per_seed
 from metakd_ray.results.teachers import load_teachers
 from metakd_ray.storage import Storage
 
 
 def report(path: Any, out_dir: Any = None) -> dict[str, str]:
-    """Write results.csv, cells.csv, scarcity.png, table.md (and gamma2.png when gamma2 is an axis, teachers.csv
+    """Write results.csv, cells.csv, per_seed.csv (``tables.per_seed``), scarcity.png, table.md (and gamma2.png when gamma2 is an axis, teachers.csv
     when the plan lists teachers, bootstrap.md when trials wrote predictions) into ``out_dir`` (default
     ``<sweep_dir>/report/``; a local path or a URI); return {file name: path or URI}."""
     return _report(path, out_dir)[0]
@@ -44,6 +44,7 @@ def _report(path: Any, out_dir: Any) -> tuple[dict[str, str], pd.DataFrame, str]
         "cells.csv": write(dest("cells.csv"), cell_df.to_csv(index=False).encode()),
         "table.md": write(dest("table.md"), table.encode()),
     }
+    written["per_seed.csv"] = write(dest("per_seed.csv"), per_seed(cell_df, teachers).to_csv(index=False).encode())
     if len(teachers):
         written["teachers.csv"] = write(dest("teachers.csv"), teachers.to_csv(index=False).encode())
     boot = bootstrap_report(st, cell_df)

@@ -181,3 +181,29 @@ def paper_table(df: pd.DataFrame, teachers: pd.DataFrame | None = None) -> str:
                       "(so ours have no test accuracy there: —); the paper's numbers in brackets are its in-domain "
                       "results, for reference only."]
     return "\n".join(lines + notes) + "\n"
+
+
+PER_SEED_COLUMNS = ("teacher", "method", "domain", "sample_rate", "seed", "gamma2", "dev_acc", "test_acc")
+
+
+def per_seed(cell_df: pd.DataFrame, teachers: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per finished cell (its dev-selected trial) and per teacher and target domain: ``teacher`` (the
+    teacher kind, ``none`` without one), ``method`` (the student method, or ``teacher`` for a teacher's own row),
+    ``domain``, ``sample_rate``, ``seed``, ``gamma2`` (NaN unless an axis), ``dev_acc``, ``test_acc`` (fractions in
+    [0, 1]). A teacher row's dev_acc is the dev accuracy of its exported epoch (mean over its domains), its test_acc
+    the one on the row's domain. The format of ``docs/results/*.csv`` (report: ``per_seed.csv``)."""
+    c = as_cells(cell_df)
+    c = c[c["status"] == "ok"]
+    kinds = c["method"].str.split("/", n=1)
+    rows = pd.DataFrame({"teacher": kinds.str[0], "method": kinds.str[1], "domain": c["domain"],
+                         "sample_rate": c["rate"], "seed": c["seed"], "gamma2": c["gamma2"],
+                         "dev_acc": c["dev_acc"], "test_acc": c["test_acc"]})
+    if teachers is not None and len(teachers):
+        scores = teacher_scores(teachers, c.attrs.get("plan")).dropna(subset=["test_acc"])
+        dev = teachers.set_index("teacher_key")["best_dev"]
+        rows = pd.concat([rows, pd.DataFrame({
+            "teacher": scores["kind"], "method": "teacher", "domain": scores["domain"],
+            "sample_rate": scores["rate"], "seed": scores["seed"], "gamma2": float("nan"),
+            "dev_acc": scores["teacher_key"].map(dev).astype(float), "test_acc": scores["test_acc"]})])
+    return rows.sort_values(["sample_rate", "domain", "teacher", "method", "seed"], kind="stable",
+                            ignore_index=True)[list(PER_SEED_COLUMNS)]

@@ -266,6 +266,7 @@ def run_locked(cfg: C.Config, storage: Storage) -> int:
     by the first run (``plan.json``); a rerun skips the waves that finished."""
     import datasets
 
+    from metakd_ray.runtime import release_memory
     from metakd_ray.sweep.stages import build_caches, build_teachers, cache_budget, cache_groups
 
     datasets.disable_progress_bars()
@@ -275,6 +276,7 @@ def run_locked(cfg: C.Config, storage: Storage) -> int:
     print(f"[sweep] precision: {format_compute(p.compute)}", flush=True)
     storage.write_bytes(C.to_yaml(cfg).encode(), *sweep, "config.yaml")
     costs = build_teachers(cfg, p, storage)
+    release_memory(collect=True)  # the driver's share of the teacher stage (inputs, Train's results) back to the OS
     groups = cache_groups(cfg, p.cells, storage)
     budget = cache_budget(cfg)
     prev = Plan.from_json(_read_json(storage, *sweep, PLAN_FILE) or {})
@@ -299,6 +301,7 @@ def run_locked(cfg: C.Config, storage: Storage) -> int:
         in_wave = set(wave.cells)
         wave_groups = [g for g in groups.values() if g.cells[0].id in in_wave]
         p = p.with_cells(build_caches(cfg, wave_groups, storage, costs, budget, label))
+        release_memory(collect=True)  # ... and of the cache pass (its input tables), before the trials
         storage.write_json(p.to_json(), *sweep, PLAN_FILE)
         storage.write_json(costs, *sweep, "costs.json")
         if len(waves) > 1:
