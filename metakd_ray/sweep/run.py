@@ -355,8 +355,9 @@ def resolve_gpu_precision(cfg: C.Config) -> None:
 
 def report(sweep_dir: str) -> int:
     """Write the report, print where, and say how the cells ended; 1 if any failed."""
-    from metakd_ray.results import cells, load_results
+    from metakd_ray.results import cells, load_results, load_teachers
     from metakd_ray.results import report as write_report
+    from metakd_ray.results.summary import headline
 
     paths = write_report(sweep_dir)
     print("[sweep] report:")
@@ -375,6 +376,8 @@ def report(sweep_dir: str) -> int:
     elif len(ok):
         where = paths.get("cells.csv", "report/cells.csv")
         print(f"[sweep] each cell's accuracy and student folder (student_dir): {where}", flush=True)
+    for line in headline(summary, load_teachers(sweep_dir, plan=summary.attrs.get("plan"))):
+        print(line, flush=True)
     for _, row in pending.iterrows():
         print(f"[sweep] cell {row['cell']} did not finish ({int(row['n_trials'])} of its trials started); rerun "
               "the same command to resume it", flush=True)
