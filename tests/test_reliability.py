@@ -126,7 +126,10 @@ def test_fault_interrupt_in_each_stage_then_rerun_loses_nothing(project, tmp_pat
                 d.wait_for(lambda: in_stage(d.text()))
             done_before = finished(project, name)
             sent = d.signal(sig)
-            code = d.wait(timeout=60)
+            try:
+                code = d.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{stage}: the driver still runs 60 s after {sig.name}; log:\n{d.text()[-4000:]}")
             took = time.time() - sent
         finally:
             if d.proc.poll() is None:

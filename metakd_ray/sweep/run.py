@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import signal
 import sys
-import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from metakd_ray import config as C
 from metakd_ray import logs
 from metakd_ray.storage import Storage
+from metakd_ray.sweep import signals
 from metakd_ray.sweep.plan import PLAN_FILE, Cell, Plan, format_compute, make_plan, plan_waves
 from metakd_ray.sweep.records import ERROR, OK, TrialStore, error_line, trial_key
 
@@ -149,49 +148,6 @@ def _read_json(storage: Storage, *parts: str) -> Any:
     return out
 
 
-_HANDLER = None  # the driver's signal handler while ``interrupts()`` is active
-
-
-def rearm_sigterm() -> None:
-    """Put the driver's SIGTERM handler back: ``ray.init`` replaces it with one that calls ``sys.exit``."""
-    if _HANDLER is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _HANDLER)
-
-
-@contextlib.contextmanager
-def interrupts() -> Iterator[dict]:
-    """SIGINT and SIGTERM raise ``KeyboardInterrupt`` in the driver's main thread (the dict yielded records which
-    signal came first). Ray Tune's own SIGINT handler, which ends ``fit()`` quietly as if the trials were done, is
-    switched off (``TUNE_DISABLE_SIGINT_HANDLER``); Ray Train installs none (``teacher.job.fit_off_main_thread``).
-    Outside the main thread (a test calling ``run`` from a thread) nothing is installed."""
-    got: dict = {}
-    if threading.current_thread() is not threading.main_thread():
-        yield got
-        return
-
-    def handler(signum, frame):
-        got.setdefault("signum", signum)
-        raise KeyboardInterrupt
-
-    global _HANDLER
-    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-    _HANDLER = handler
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    for sig in old:
-        signal.signal(sig, handler)
-    try:
-        yield got
-    finally:
-        _HANDLER = None
-        for sig, h in old.items():
-            signal.signal(sig, h)
-        if env is None:
-            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-        else:
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env
-
-
 def run(cfg: C.Config) -> int:
     """The whole sweep, guarded: the checks of :mod:`metakd_ray.preflight` first (nothing is written when they
     fail), then the sweep's lock (a second driver on the same sweep is refused, naming the first), then
@@ -208,14 +164,14 @@ def run(cfg: C.Config) -> int:
 
     cfg = absolute_paths(cfg)
     storage = Storage(cfg.storage.root)
-    with interrupts() as got:
+    with signals.interrupts() as got:
         try:
             preflight.check(cfg, cluster=True)
             check_same_sweep(cfg, storage)
             if starts_local(cfg):  # an embedded Ray: its one node is this machine, known before it starts
                 check_resources(cfg, ([local_shape(cfg)], None))
             connect_ray(cfg)
-            rearm_sigterm()
+            signals.rearm_sigterm()
             check_resources(cfg)  # a request no node can ever hold fails here, with the numbers
             lock = sweep_lock(storage, cfg.name).acquire(wait=False)  # the first file this run writes
             try:
@@ -224,7 +180,7 @@ def run(cfg: C.Config) -> int:
                 lock.release()
         except KeyboardInterrupt:
             signum = got.get("signum", signal.SIGINT)
-            _stop_ray()
+            signals.stop_ray()
             print(f"[sweep] interrupted ({signal.Signals(signum).name}); rerun the same command to resume",
                   file=sys.stderr, flush=True)
             return 128 + int(signum)
@@ -238,22 +194,6 @@ def run(cfg: C.Config) -> int:
         except (CacheError, CheckpointError, ResultsError) as e:  # nothing half-written counts as done
             print(f"error: {e}", file=sys.stderr)
             return 1
-
-
-def _stop_ray() -> None:
-    """End this driver's Ray work now (its trials and workers stop with it), ignoring a second Ctrl-C."""
-    import ray
-
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if threading.current_thread() is \
-        threading.main_thread() else None
-    try:
-        if ray.is_initialized():
-            ray.shutdown()
-    except Exception:  # noqa: BLE001  (best effort on the way out)
-        pass
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
 
 
 def run_locked(cfg: C.Config, storage: Storage) -> int:
