@@ -231,7 +231,7 @@ def pool_errors(cfg: C.Config, train: Any, present: dict[str, set[int]], labels:
     only = tuple(targets) if cfg.data.scarcity == "target" else None
     errors = []
     for rate in sorted({float(r) for r in sw.sample_rates if r < 1.0}):
-        for seed in dict.fromkeys(sw.seeds):
+        for seed in dict.fromkeys(sw.seeds_at(rate)):
             pool = D.subsample(train, rate, seed, only_domains=only)
             kept = set(zip(D.column(pool, "domain"), D.column(pool, "label")))
             for d in (d for d in cfg.data.domains if d in trained):

@@ -60,6 +60,23 @@ def test_gamma2_axis_is_not_tuned_and_collapses_for_other_methods():
     assert all("gamma2" not in c["hp"] for c in got)
 
 
+def test_seeds_per_rate_runs_the_first_seeds_at_each_rate():
+    cfg = C.from_dict({}, ["sweep.target_domains=[books]", "sweep.sample_rates=[0.05, 1.0]", "sweep.seeds=[4, 5, 6]",
+                           "sweep.seeds_per_rate=[3, 1]", "sweep.methods=[single/tinybert_kd, meta/meta_kd]"])
+    got = Counter((c.rate, c.seed) for c in plan_cells(cfg))
+    assert got == {(0.05, 4): 2, (0.05, 5): 2, (0.05, 6): 2, (1.0, 4): 2}
+    assert cfg.sweep.seeds_at(0.05) == (4, 5, 6) and cfg.sweep.seeds_at(1.0) == (4,)
+    everywhere = C.from_dict({}, ["sweep.sample_rates=[0.05, 1.0]", "sweep.seeds=[4, 5]"])
+    assert {c.seed for c in plan_cells(everywhere) if c.rate == 1.0} == {4, 5}  # empty: every seed at every rate
+
+
+@pytest.mark.parametrize("counts", ["[3]", "[1, 4]", "[0, 1]"])
+def test_seeds_per_rate_must_give_one_count_per_rate_within_the_seeds(counts):
+    with pytest.raises(C.ConfigError) as e:
+        C.from_dict({}, ["sweep.sample_rates=[0.05, 1.0]", "sweep.seeds=[0, 1, 2]", f"sweep.seeds_per_rate={counts}"])
+    assert len(e.value.errors) == 1 and e.value.errors[0].startswith("sweep.seeds_per_rate"), e.value.errors
+
+
 def test_save_and_restore_continue_where_it_stopped(tmp_path):
     cfg = C.from_dict({}, ["sweep.target_domains=[books, dvd]", "sweep.methods=[meta/meta_kd]"])
     cells = [c.to_json() for c in plan_cells(cfg)]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
+import yaml
 import toy
 from toy import tiny_config
 
@@ -91,6 +92,22 @@ def test_tracking_changes_no_fingerprint_and_a_rerun_may_change_it(tmp_path):
     storage.write_bytes(C.to_yaml(a).encode(), "sweeps", a.name, "config.yaml")
     storage.write_json(make_plan(a).to_json(), "sweeps", a.name, "plan.json")
     check_same_sweep(b, storage)  # no SweepConflict
+
+
+def test_a_config_field_added_since_is_no_change_but_a_changed_value_is(tmp_path):
+    """A sweep written before ``sweep.seeds_per_rate`` existed (its config.yaml lacks the field) resumes; a sweep
+    whose seeds changed is refused."""
+    from metakd_ray.sweep.run import SweepConflict
+
+    a = tiny_config(tmp_path)
+    storage = Storage(str(tmp_path))
+    old = C.to_dict(a)
+    del old["sweep"]["seeds_per_rate"]
+    storage.write_bytes(yaml.safe_dump(old).encode(), "sweeps", a.name, "config.yaml")
+    storage.write_json(make_plan(a).to_json(), "sweeps", a.name, "plan.json")
+    check_same_sweep(a, storage)  # no SweepConflict
+    with pytest.raises(SweepConflict, match="sweep.seeds"):
+        check_same_sweep(tiny_config(tmp_path, "sweep.seeds=[7]"), storage)
 
 
 def test_a_tracker_whose_package_is_missing_fails_preflight_with_the_pip_command(tmp_path, monkeypatch):

@@ -165,3 +165,27 @@ class Section:
     def _rules(self) -> Iterable[str]:
         """Cross-field checks: one message per problem."""
         return ()
+
+
+def check_resource_map(value: object, path: str, own: dict[str, str]) -> tuple[object, list[str]]:
+    """(``value`` as ``{name: float}``, and [] or one message per problem) for a mapping of custom Ray resources at
+    ``path``; ``own`` names the fields that set this stage's CPUs and GPUs (``{"cpu": ..., "gpu": ...}``)."""
+    if not isinstance(value, dict):
+        return value, [f"{path}: {value!r} is not allowed; expected a mapping of custom resource names to "
+                       "amounts, e.g. {gpu_node: 0.001}"]
+    out, errors = {}, []
+    for key, amount in value.items():
+        where = f"{path}.{key}"
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,99}", key):
+            errors.append(f"{path}: key {key!r} is not allowed; expected a resource name (letters, digits, "
+                          "_ . : / -), e.g. gpu_node")
+        elif key.lower() in own or key.lower() in ("memory", "object_store_memory"):
+            hint = (f"set it with ray.{own[key.lower()]}" if key.lower() in own else "not requested by stages")
+            errors.append(f"{where}: not allowed ({hint}); {path} holds custom resources such as gpu_node")
+        elif not isinstance(amount, (int, float)) or isinstance(amount, bool):
+            errors.append(f"{where}: {amount!r} ({type(amount).__name__}) is not allowed; expected a number")
+        elif not (amount == 0 or 1e-4 <= amount <= 1e6):  # Ray's resource precision is 0.0001
+            errors.append(f"{where}: {amount!r} is out of range; allowed 0 or [0.0001, 1000000]")
+        else:
+            out[key] = float(amount)
+    return out, errors

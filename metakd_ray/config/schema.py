@@ -7,12 +7,12 @@ checks of the fields it owns.
 
 from __future__ import annotations
 
-import re
 import typing
 from dataclasses import dataclass, field
 from typing import ClassVar, Iterator, Literal
 
-from metakd_ray.config.fields import ConfigError, Section, check_value, did_you_mean, matching, num, spec, sub
+from metakd_ray.config.fields import (ConfigError, Section, check_resource_map, check_value, did_you_mean, matching,
+                                      num, spec, sub)
 
 Dataset = Literal["amazon", "mnli", "table"]
 TeacherKind = Literal["single", "mix", "mtl", "meta"]
@@ -226,6 +226,9 @@ class SweepConfig(Section):
     sample_rates: tuple[float, ...] = num((1.0,), 0.0, 1.0, lo_open=True)  # each in (0, 1]
     methods: tuple[str, ...] = ("single/tinybert_kd", "meta/meta_kd")
     seeds: tuple[int, ...] = (0,)
+    # Per rate, how many of ``seeds`` (the first n) run at it, e.g. [3, 3, 1] for rates [0.01, 0.1, 1.0]: seeds
+    # where the variance is; empty: every seed at every rate.
+    seeds_per_rate: tuple[int, ...] = num((), 1, 10000)
     # An axis for the gamma2 preset (Fig. 4); empty: tuned/fixed per distill.gamma2.
     gamma2: tuple[float, ...] = num((), 0, 100)
     # Optuna trials per cell; the first runs the configured hyper-parameters, the others tune ``tune`` on the
@@ -245,10 +248,19 @@ class SweepConfig(Section):
             yield f"{p}.sample_rates: [] is not allowed; expected at least one rate in (0, 1]"
         if not self.seeds:
             yield f"{p}.seeds: [] is not allowed; expected at least one seed"
+        if self.seeds_per_rate and (len(self.seeds_per_rate) != len(self.sample_rates)
+                                    or max(self.seeds_per_rate) > len(self.seeds)):
+            yield (f"{p}.seeds_per_rate: {list(self.seeds_per_rate)} is not allowed; expected one count per rate of "
+                   f"{p}.sample_rates ({len(self.sample_rates)}), each in [1, {len(self.seeds)}] (the seeds)")
         for i, name in enumerate(self.tune):
             if name not in TUNABLE:
                 yield (f"{p}.tune[{i}]: {name!r} is not tunable; allowed: {', '.join(TUNABLE)}"
                        f"{did_you_mean(name, TUNABLE)}")
+
+    def seeds_at(self, rate: float) -> tuple[int, ...]:
+        """The seeds that run at sample rate ``rate`` (``seeds_per_rate``)."""
+        counts = dict(zip(self.sample_rates, self.seeds_per_rate))
+        return self.seeds[:counts.get(rate, len(self.seeds))]
 
 
 @dataclass(frozen=True)
@@ -296,28 +308,10 @@ class RayConfig(Section):
     @staticmethod
     def _check_resources(value: object, path: str) -> tuple[object, list[str]]:
         """(``value`` as ``{name: float}``, and [] or one message per problem) for a ``ray.<stage>_resources``."""
-        if not isinstance(value, dict):
-            return value, [f"{path}: {value!r} is not allowed; expected a mapping of custom resource names to "
-                           "amounts, e.g. {gpu_node: 0.001}"]
         stage = path.rsplit(".", 1)[-1].removesuffix("_resources")
         own = {"cpu": {"teacher": "cpus_per_worker", "cache": "cpus_per_actor", "trial": "trial_cpus"}[stage],
                "gpu": {"teacher": "use_gpu", "cache": "cache_gpus", "trial": "trial_gpus"}[stage]}
-        out, errors = {}, []
-        for key, amount in value.items():
-            where = f"{path}.{key}"
-            if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,99}", key):
-                errors.append(f"{path}: key {key!r} is not allowed; expected a resource name (letters, digits, "
-                              "_ . : / -), e.g. gpu_node")
-            elif key.lower() in own or key.lower() in ("memory", "object_store_memory"):
-                hint = (f"set it with ray.{own[key.lower()]}" if key.lower() in own else "not requested by stages")
-                errors.append(f"{where}: not allowed ({hint}); {path} holds custom resources such as gpu_node")
-            elif not isinstance(amount, (int, float)) or isinstance(amount, bool):
-                errors.append(f"{where}: {amount!r} ({type(amount).__name__}) is not allowed; expected a number")
-            elif not (amount == 0 or 1e-4 <= amount <= 1e6):  # Ray's resource precision is 0.0001
-                errors.append(f"{where}: {amount!r} is out of range; allowed 0 or [0.0001, 1000000]")
-            else:
-                out[key] = float(amount)
-        return out, errors
+        return check_resource_map(value, path, own)
 
     def _rules(self) -> Iterator[str]:
         if self.use_gpu and self.train_workers == 0:

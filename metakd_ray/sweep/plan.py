@@ -151,14 +151,15 @@ class Plan:
 
 def plan_cells(cfg: Any) -> tuple[Cell, ...]:
     """Every cell of the grid, in a stable order: target domain × rate × method × seed (× gamma2; the gamma2 axis
-    collapses for methods other than meta_kd)."""
+    collapses for methods other than meta_kd); a rate runs the seeds ``sweep.seeds_at`` gives it."""
     targets = cfg.sweep.target_domains or cfg.data.domains
     gammas: tuple[float | None, ...] = cfg.sweep.gamma2 or (None,)
     cells: dict[str, Cell] = {}
     for domain, rate, method, seed, g in itertools.product(targets, cfg.sweep.sample_rates, cfg.sweep.methods,
                                                              cfg.sweep.seeds, gammas):
-        c = Cell(domain, float(rate), method, int(seed), g if method.endswith("/meta_kd") else None)
-        cells.setdefault(c.id, c)
+        if seed in cfg.sweep.seeds_at(rate):  # sweep.seeds_per_rate
+            c = Cell(domain, float(rate), method, int(seed), g if method.endswith("/meta_kd") else None)
+            cells.setdefault(c.id, c)
     return tuple(cells.values())
 
 

@@ -103,6 +103,10 @@ def check_same_sweep(cfg: C.Config, storage: Storage) -> None:
     if not isinstance(old, dict):
         raise SweepConflict(f"{storage.uri('sweeps', cfg.name, 'config.yaml')} is damaged (not a mapping); restore "
                             "it or give the sweep another name (name=...)")
+    try:  # a field added since (with its default) is no change
+        old = C.to_dict(C.from_dict(old))
+    except (C.ConfigError, TypeError, ValueError):
+        pass  # compared as written: the differences are named below
     new = C.to_dict(cfg)
     for section in ("ray", "storage"):  # where and how it runs, not what it computes
         old.pop(section, None)
