@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from metakd_ray.results import publish
-from metakd_ray.results.report import report
+from metakd_ray.results import cells, load_results, load_teachers, per_seed
 from metakd_ray.results.tables import PER_SEED_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,6 +194,9 @@ def test_summarize_sections_sources_and_write(tmp_path, capsys):
     assert _cells(md, "0.2") == ["1", "79.0 ± 1.4", "2"] and _cells(md, "1") == ["1", "70.0 ± 0.0", "2"]
     assert "| b) Amazon: Meta-KD − single/tinybert_kd ≥ 1.5 pp | +1.0 | no |" in md
     assert "| fa) MNLI: meta teacher − mix teacher ≥ 0 pp | — | not run |" in md
+    assert "| d) Amazon: \\|Meta-KD − meta teacher\\| ≤ 1.0 pp (within 1.0 point of its teacher) | +2.0 | no |" in md
+    rows = md[md.index("| target | our value | met |"):].splitlines()[2:]
+    assert [r.split(" | ")[0][2:4] for r in rows if r] == ["a)", "b)", "c)", "d)", "e)", "e)", "fa", "fb", "fc"]
     out = tmp_path / "summary.md"
     assert publish.main(["summarize", str(d), "--write", str(out)]) == 0
     assert out.read_text() == capsys.readouterr().out == md
@@ -221,28 +224,31 @@ def smoke_copy(tmp_path) -> Path:
     return root / "sweeps" / "smoke"
 
 
-def test_export_of_the_smoke_run(smoke_copy, tmp_path):
+def test_export_of_the_smoke_run(smoke_copy, tmp_path, capsys):
     out = tmp_path / "docs" / "results"
     written = publish.export(smoke_copy, out)
-    rep = report(smoke_copy, tmp_path / "report")
     assert {"smoke.csv", "smoke-costs.csv", "smoke-scarcity.png"} <= set(written)
-    assert ("smoke-bootstrap.md" in written) == ("bootstrap.md" in rep)
+    assert "smoke-gamma2.png" not in written  # gamma2 is not an axis of the smoke run
     assert sorted(p.name for p in out.iterdir()) == sorted(written)  # nothing else, no temporary left
     rows = pd.read_csv(out / "smoke.csv")
     assert list(rows.columns) == list(PER_SEED_COLUMNS)
-    ref = pd.read_csv(tmp_path / "report" / "per_seed.csv")
+    df = load_results(smoke_copy)
+    ref = per_seed(cells(df), load_teachers(smoke_copy, plan=df.attrs.get("plan")))  # what per_seed.csv holds
     assert (rows["method"] == "teacher").any()  # the teachers' rows came with the manifests
     key = ["sample_rate", "domain", "teacher", "method", "seed"]
-    pd.testing.assert_frame_equal(rows.sort_values(key, ignore_index=True), ref.sort_values(key, ignore_index=True))
+    pd.testing.assert_frame_equal(rows.sort_values(key, ignore_index=True), ref.sort_values(key, ignore_index=True),
+                                  check_dtype=False)
     costs = pd.read_csv(out / "smoke-costs.csv")
     assert list(costs.columns) == ["stage", "items", "wall_s", "cpu_s", "gpu_s"]
     assert list(costs["stage"]) == ["teachers", "caches", "trials", "total"]
     for c in ("items", "wall_s", "cpu_s", "gpu_s"):
         assert costs[c].iloc[3] == pytest.approx(costs[c].iloc[:3].sum(), abs=0.15)
-    assert costs["items"].iloc[2] == len(list((smoke_copy / "trials").glob("*.json")))
-    assert (out / "smoke-scarcity.png").read_bytes() == (tmp_path / "report" / "scarcity.png").read_bytes()
-    # again, under another name, into the same folder: both sets there
-    assert set(publish.export(smoke_copy, out, name="amazon-table")) >= {"amazon-table.csv", "amazon-table-costs.csv"}
+    assert costs["items"].iloc[2] == len(df)
+    assert costs["wall_s"].iloc[2] == pytest.approx(df["wall_s"].sum(), abs=0.05)
+    # the CLI, under another name, into the same folder: both sets there
+    assert publish.main(["export", str(smoke_copy), str(out), "--name", "amazon-table"]) == 0
+    assert capsys.readouterr().out.count("wrote ") == len(written)
+    assert {p.name for p in out.iterdir()} == set(written) | {n.replace("smoke", "amazon-table") for n in written}
 
 
 def test_export_errors_write_nothing(tmp_path, capsys):

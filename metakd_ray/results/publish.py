@@ -148,12 +148,10 @@ def read_frames(directory: Any) -> dict[str, pd.DataFrame]:
     return frames
 
 
-def _key(row_teacher: Any, row_method: Any) -> str:
-    return f"teacher:{row_teacher}" if row_method == "teacher" else f"{row_teacher}/{row_method}"
-
-
 def _keyed(rows: pd.DataFrame) -> pd.DataFrame:
-    return rows.assign(key=[_key(t, m) for t, m in zip(rows["teacher"], rows["method"])])
+    """``rows`` with a ``key``: "teacher:<kind>" for a teacher's row, else "<teacher>/<method>" (the cells' method)."""
+    return rows.assign(key=[f"teacher:{t}" if m == "teacher" else f"{t}/{m}"
+                            for t, m in zip(rows["teacher"], rows["method"])])
 
 
 def _by_seed(rows: pd.DataFrame, domains: list[str] | None = None) -> pd.DataFrame:
@@ -177,7 +175,9 @@ def _row_order(keys: set[str]) -> list[str]:
 
 
 def _md(head: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+    """A markdown table; a "|" inside a cell is escaped."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
 
 
 def _label(key: str) -> str:
@@ -299,18 +299,17 @@ def targets(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     Meta-KD's :func:`improvement` rate (%) > 0 at each sample rate ≤ 0.1 (a row per rate present)."""
     out = []
 
-    def add(target: str, value: float, ok) -> None:
+    def add(target: str, value: float | None, ok) -> None:
         met = "not run" if value is None or math.isnan(value) else ("yes" if ok(value) else "no")
         out.append({"target": target, "value": float("nan") if value is None else value, "met": met})
 
-    for preset, ds, letters in (("amazon-table", "Amazon", "abcd"), ("mnli-table", "MNLI", "abc")):
+    def table(preset: str, ds: str, letters: str, tag: str) -> None:
         f = frames.get(preset)
         rows = f[f["sample_rate"] == 1.0] if f is not None else None
 
-        def diff(a: str, b: str, rows=rows) -> float:
+        def diff(a: str, b: str) -> float:
             return float("nan") if rows is None else _paired(rows, a, b)
 
-        tag = "f" if ds == "MNLI" else ""
         specs = {"a": (f"{ds}: meta teacher − mix teacher ≥ 0 pp", diff("teacher:meta", "teacher:mix"),
                        lambda v: v >= 0),
                  "b": (f"{ds}: Meta-KD − single/tinybert_kd ≥ 1.5 pp", diff(METAKD, BASE), lambda v: v >= 1.5),
@@ -320,6 +319,8 @@ def targets(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
         for letter in letters:
             text, value, ok = specs[letter]
             add(f"{tag}{letter}) {text}", value, ok)
+
+    table("amazon-table", "Amazon", "abcd", "")
     s = frames.get("scarcity")
     imp = improvement(s) if s is not None else pd.DataFrame(columns=["rate", "improvement"])
     imp = imp[imp["rate"] <= 0.1]
@@ -327,6 +328,7 @@ def targets(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
         add("e) scarcity: Meta-KD improvement rate > 0 % at every rate ≤ 0.1", None, None)
     for r, v in zip(imp["rate"], imp["improvement"]):
         add(f"e) scarcity: Meta-KD improvement rate > 0 % at r={r:g}", 100 * float(v), lambda x: x > 0)
+    table("mnli-table", "MNLI", "abc", "f")
     return pd.DataFrame(out, columns=["target", "value", "met"])
 
 
