@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -113,6 +114,8 @@ def test_a_quiet_log_without_traceback(project, embedded):
         assert noise not in text, noise
     assert sum("trials finished" in line for line in lines) == 4
     assert "[sweep] 2/2 cells ok, 0 failed" in lines
+    last = r.stdout.splitlines()[-1]
+    assert re.fullmatch(r"\[sweep\] this run took \d+\.\d min", last), last  # the run's wall time, last
 
 
 PIPELINE = NO_METAKD + r'''

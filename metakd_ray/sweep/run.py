@@ -6,6 +6,7 @@ import dataclasses
 import os
 import signal
 import sys
+import time
 from typing import Any, Sequence
 
 from metakd_ray import config as C
@@ -152,6 +153,9 @@ def _read_json(storage: Storage, *parts: str) -> Any:
     return out
 
 
+_STARTED = 0.0  # when ``run`` began (its closing line gives the run's wall time)
+
+
 def run(cfg: C.Config) -> int:
     """The whole sweep, guarded: the checks of :mod:`metakd_ray.preflight` first (nothing is written when they
     fail), then the sweep's lock (a second driver on the same sweep is refused, naming the first), then
@@ -166,6 +170,8 @@ def run(cfg: C.Config) -> int:
     from metakd_ray.results.load import ResultsError
     from metakd_ray.training import CheckpointError
 
+    global _STARTED
+    _STARTED = time.time()
     cfg = absolute_paths(cfg)
     storage = Storage(cfg.storage.root)
     with signals.interrupts() as got:
@@ -327,4 +333,6 @@ def report(sweep_dir: str) -> int:
               "the same command to resume it", flush=True)
     print(f"[sweep] {int((summary['status'] == 'ok').sum())}/{len(summary)} cells ok, {len(failed)} failed"
           + (f", {len(pending)} not finished" if len(pending) else ""), flush=True)
+    if _STARTED:
+        print(f"[sweep] this run took {(time.time() - _STARTED) / 60:.1f} min", flush=True)
     return 1 if len(failed) or len(pending) else 0
