@@ -55,10 +55,10 @@ def _connect(cfg: C.Config) -> str:
              "logging_level": level}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
     if address == "local":
-        ray.init(**local)
+        start_local(**local)
         return "local"
     if not address and running_cluster() is None:  # nothing to join: no hanging on a stale address file
-        ray.init(**local)
+        start_local(**local)
         return "local"
     env = {k: os.environ[k] for k in (*RAY_ENV, *FORWARDED) if k in os.environ}
     try:
@@ -67,8 +67,42 @@ def _connect(cfg: C.Config) -> str:
     except ConnectionError:
         if address:
             raise
-    ray.init(**local)
+    start_local(**local)
     return "local"
+
+
+def start_local(**init_kwargs) -> None:
+    """``ray.init(address="local", ...)`` whose processes all know its address.
+
+    Ray processes that look a cluster up without an address (Ray Train's ``PlacementGroupCleaner`` queries the state
+    API with ``address=None``) take ``$RAY_ADDRESS``, else the *latest* ``ray start`` cluster recorded in
+    ``/tmp/ray/ray_current_cluster``: with a second Ray on the machine or a file left by an earlier ``ray start``
+    they reach another cluster or a dead address, time out and print a traceback. So the instance is started on a
+    free GCS port chosen here (``RAY_GCS_SERVER_PORT``) with ``RAY_ADDRESS`` naming it in the environment its
+    processes inherit; the driver's own environment is restored afterwards. Values the user set win.
+    """
+    import socket
+
+    import ray
+
+    init_kwargs.setdefault("address", "local")
+    if os.environ.get("RAY_GCS_SERVER_PORT") or os.environ.get("RAY_ADDRESS"):
+        ray.init(**init_kwargs)
+        return
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    saved = {k: os.environ.get(k) for k in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")}
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+    try:
+        ray.init(**init_kwargs)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def running_cluster(temp_dir: str = "/tmp/ray") -> str | None:

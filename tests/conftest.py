@@ -40,8 +40,9 @@ def ray_session():
     import ray
     import ray.data
 
-    ray.init(address="local", num_cpus=2, include_dashboard=True,
-             object_store_memory=512 * 2**20, logging_level="WARNING")
+    from metakd_ray.raycluster import start_local
+
+    start_local(num_cpus=2, include_dashboard=True, object_store_memory=512 * 2**20, logging_level="WARNING")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_no_progress_timeout_s = 120
