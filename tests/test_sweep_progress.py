@@ -178,3 +178,20 @@ def test_running_trials_at_most_one_line_per_interval():
         cb.on_trial_result(iteration=epoch, trials=[t], trial=t,
                            result={"phase": "stage2", "epoch": epoch, "dev_acc": 0.5 + epoch / 100})
     assert lines == ["[sweep] running: c #0 stage2 epoch 5 dev 0.540", "[sweep] running: c #0 stage2 epoch 10 dev 0.590"]
+
+
+def test_a_callback_restored_from_its_pickle_paces_from_the_new_run():
+    """``Tuner.restore`` unpickles the callback made when the sweep first started; Tune calls ``setup`` at the start
+    of every run, and the clock restarts there: an hour-old start time must not enter this run's pace."""
+    from ray import cloudpickle
+
+    cb, clock, lines = make(total=4)
+    clock.t += 3_600.0  # the first run, then a restart an hour later
+    cb = cloudpickle.loads(cloudpickle.dumps(cb))
+    cb.clock, cb.out = clock, lines.append
+    cb.setup(stop=None, num_samples=4, total_num_samples=4)
+    current = trial("RUNNING")
+    clock.t += 60.0
+    cb.on_trial_complete(iteration=1, trials=[trial("TERMINATED"), current, trial("PENDING"), trial("PENDING")],
+                         trial=current)
+    assert lines == ["[sweep] 2/4 trials finished; 1.0 min in this run; ETA 2.0 min"]

@@ -16,12 +16,17 @@ class EtaCallback(Callback):
     says where the running trials are (stage, epoch, best dev accuracy so far).
 
     The pace counts only trials that ended in this run: a restored sweep's earlier trials took time this run did not
-    spend. Tune calls the hook before it updates the trial's status, so the trial itself is counted as ended."""
+    spend. Tune calls the hook before it updates the trial's status, so the trial itself is counted as ended.
+    ``Tuner.restore`` brings back the callback pickled when the sweep first started (its run config), so the clock
+    restarts in ``setup``, which Tune calls at the start of every run."""
 
     def __init__(self, total: int, clock: Callable[[], float] = time.time,
                  out: Callable[[str], Any] | None = None, every_s: float = 30.0):
         self.total, self.clock, self.out, self.every_s = total, clock, out or _say, every_s
-        self.seen, self.t0 = 0, clock()
+        self.setup()
+
+    def setup(self, **info: Any) -> None:
+        self.seen, self.t0 = 0, self.clock()
         self.last_status = self.t0
         self.latest: dict[str, dict] = {}
 
