@@ -123,7 +123,8 @@ def student_loss(method: str, objective: Objective, student: Student, batch: dic
     if meta and (rec.domain_hidden is None or rec.prototype_scores is None):
         raise ValueError("meta_kd needs the meta-teacher's domain head output and prototype scores; "
                          "pair meta_kd with teacher kind 'meta'")
-    weights = losses.expertise_weights(rec.logits, labels, rec.prototype_scores) if meta else None
+    weights = (losses.expertise_weights(rec.logits, labels, rec.prototype_scores)
+               if meta and dcfg.expertise_weights else None)
     layer_args = dict(
         student_hidden_states=[student.project_hidden(h) for h in out.encoder.hidden_states],
         teacher_hidden_states=rec.hidden_states,

@@ -7,6 +7,8 @@ Models are tiny random BERTs (hidden 32, 2 layers) with dropout 0 in eval mode, 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from toy import toy_splits, toy_tokenizer
@@ -225,6 +227,11 @@ def test_layers_meta_kd_adds_tkd_and_expertise_weights(tok, batch, meta_teacher)
     other_gamma = student_loss("meta_kd", "layers", student, batch, LiveTeacher(meta_teacher, LAYER_MAP),
                                C.DistillConfig(gamma2=0.0, temperature=2.0, scale_by_t2=True))
     assert not torch.allclose(got.total, other_gamma.total)
+    # distill.expertise_weights=false (the "without lambda" ablation): L_TKD stays, lambda is 1
+    no_lambda = student_loss("meta_kd", "layers", student, batch, LiveTeacher(meta_teacher, LAYER_MAP),
+                             dataclasses.replace(DCFG_LOSS, expertise_weights=False))
+    assert set(no_lambda.terms) == {"emb", "hid", "att", "tkd"} and no_lambda.weights is None
+    assert_terms_close(no_lambda, unweighted)
 
 
 @pytest.mark.parametrize("method", ["tinybert_kd", "meta_kd"])

@@ -181,6 +181,8 @@ class DistillConfig(Section):
     _path: ClassVar[str] = "distill"
     stages: Literal["two", "one"] = "two"
     gamma2: float = num(0.5, 0.0, 100.0)
+    # meta_kd's per-instance domain-expertise weights lambda_i; false = lambda 1 (the "without lambda" ablation).
+    expertise_weights: bool = True
     temperature: float = num(1.0, 0.0, 100.0, lo_open=True)
     batch_size: int = num(32, 1, 65536)
     stage1_lr: float = num(5e-5, 0.0, 1.0, lo_open=True)
