@@ -147,7 +147,8 @@ def stage_plan(method: str, dcfg: DistillConfig) -> list[Stage]:
     """The stages ``method`` runs, in order (``distill.stages``; stage 1 is skipped when ``stage1_epochs`` is 0)."""
     if method not in STUDENT_METHODS:
         raise ValueError(f"student method {method!r} is not allowed; expected one of {', '.join(STUDENT_METHODS)}")
-    common = dict(weight_decay=dcfg.weight_decay, grad_norm=dcfg.grad_norm, warmup=dcfg.warmup)
+    common = dict(weight_decay=dcfg.weight_decay, grad_norm=dcfg.grad_norm, warmup=dcfg.warmup,
+                  min_steps=dcfg.min_steps)
     if method == "finetune":
         return [Stage("finetune", "hard_ce", StageConfig("finetune", dcfg.stage2_epochs, dcfg.stage2_lr, **common),
                       True)]

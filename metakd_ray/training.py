@@ -218,6 +218,12 @@ class StageConfig:
     warmup: float = 0.1
     grad_norm: float = 1.0
     schedule: Literal["linear", "constant"] = "linear"
+    min_steps: int = 0  # at least this many optimisation steps: epochs raised when an epoch has fewer batches
+
+    def epochs_for(self, steps_per_epoch: int) -> int:
+        """The epochs this stage runs with ``steps_per_epoch`` batches per epoch: ``epochs``, raised to
+        ceil(min_steps / steps_per_epoch) when that is more."""
+        return max(self.epochs, -(-self.min_steps // max(int(steps_per_epoch), 1)))
 
 
 @dataclass
@@ -244,7 +250,7 @@ def train_stage(
 ) -> StageResult:
     """Train ``model`` for one stage.
 
-    Every epoch: one pass of ``loss_fn`` over ``train_loader`` (AdamW, schedule, grad-norm clipping), then
+    Every epoch (``stage.epochs_for(len(train_loader))`` of them): one pass of ``loss_fn`` over ``train_loader`` (AdamW, schedule, grad-norm clipping), then
     ``evaluate()`` if given; the epoch with the best ``mean`` is kept and its weights are loaded at the end
     (without ``evaluate`` the last epoch is kept). After every epoch the full state (model, optimiser,
     scheduler, epoch, step, RNG states, best weights, history, ``extra_state``) goes to ``checkpointer``; a
@@ -257,7 +263,8 @@ def train_stage(
         steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
     except TypeError:
         steps_per_epoch = 1
-    opt, sched = make_optimizer(model, stage.lr, stage.weight_decay, stage.epochs * steps_per_epoch, stage.warmup,
+    epochs = stage.epochs_for(steps_per_epoch)
+    opt, sched = make_optimizer(model, stage.lr, stage.weight_decay, epochs * steps_per_epoch, stage.warmup,
                                 stage.schedule)
     if set_epoch is None:
         set_epoch = getattr(getattr(train_loader, "sampler", None), "set_epoch", None)
@@ -281,7 +288,7 @@ def train_stage(
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
     model.train()
-    for epoch in range(start, stage.epochs):
+    for epoch in range(start, epochs):
         if set_epoch:
             set_epoch(epoch)
         sums: dict[str, Any] = {}

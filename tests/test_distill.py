@@ -60,6 +60,14 @@ def test_default_config_is_two_stage():
                                                                                  d.warmup)
 
 
+@pytest.mark.parametrize("method", ["finetune", "tinybert_kd", "meta_kd"])
+@pytest.mark.parametrize("stages", ["one", "two"])
+def test_min_steps_reaches_every_stage(method, stages):
+    plan = stage_plan(method, dataclasses.replace(DCFG, stages=stages, min_steps=40))
+    assert plan and all(s.config.min_steps == 40 for s in plan)
+    assert all(s.config.min_steps == 0 for s in stage_plan(method, dataclasses.replace(DCFG, stages=stages)))
+
+
 @pytest.mark.parametrize("method", ["tinybert_kd", "meta_kd"])
 def test_zero_stage1_epochs_drops_stage1(method):
     dcfg = C.DistillConfig(stage1_epochs=0, stage2_lr=2e-4, stage2_epochs=4)

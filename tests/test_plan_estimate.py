@@ -42,3 +42,16 @@ def test_estimate_follows_precision_grouping_and_counts_runs(tmp_path, bf16_cpu)
     expected = teacher * sec["teacher_epoch"] + len(p.teachers) * cal["overhead_seconds"]["bf16"]["teacher_run"]
     assert bf16["teacher_cpu_s"] == round(expected)
     assert "precision.py" in bf16["calibration"]
+
+
+def test_min_steps_raises_the_estimate_of_small_splits_only(tmp_path, bf16_cpu):
+    # 1000 examples per domain, batch 8: 125 batches per epoch at rate 1, 13 at rate 0.1
+    def trials(rate, *o):
+        cfg = tiny_config(tmp_path, "compute.precision=auto", f"sweep.sample_rates=[{rate}]", *o)
+        return estimate_cost(cfg, make_plan(cfg), SIZES)["trial_cpu_s"]
+
+    assert trials(1.0, "distill.min_steps=300") == trials(1.0)  # 3 epochs x 125 batches > 300 steps already
+    plain, raised = trials(0.1), trials(0.1, "distill.min_steps=300")  # 3 epochs of 13 batches -> 24 epochs
+    overhead = len(make_plan(tiny_config(tmp_path, "sweep.sample_rates=[0.1]")).cells) * \
+        calibration()["overhead_seconds"]["bf16"]["trial"]
+    assert (raised - overhead) == pytest.approx(8 * (plain - overhead), rel=0.01)

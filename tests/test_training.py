@@ -151,6 +151,24 @@ def test_one_optimiser_step_per_batch_and_logged_steps():
     assert not model.training  # the loop hands the model back in eval mode
 
 
+@pytest.mark.parametrize("min_steps, epochs", [(0, EPOCHS), (EPOCHS * N_BATCHES, EPOCHS),
+                                               (EPOCHS * N_BATCHES + 1, EPOCHS + 1), (5 * N_BATCHES, 5)])
+def test_min_steps_raises_the_epochs_of_a_small_split(min_steps, epochs):
+    # distill.min_steps: a split with few batches gets whole extra epochs until the stage has min_steps steps;
+    # a split that already has them keeps its epochs
+    model = tiny_model()
+    calls: list[float] = []
+    ckpt = Recording()
+    stage = StageConfig("toy", epochs=EPOCHS, lr=0.05, warmup=0.25, min_steps=min_steps)
+    assert stage.epochs_for(N_BATCHES) == epochs
+    result = train_stage(model, ce_loss(model, calls), fixed_batches(), stage, checkpointer=ckpt)
+    assert len(calls) == epochs * N_BATCHES
+    assert [m["epoch"] for m in result.history] == list(range(epochs))
+    # the schedule spans the raised steps: a linear schedule ends at zero on the last step
+    assert ckpt.states[-1]["scheduler"]["last_epoch"] == epochs * N_BATCHES
+    assert ckpt.states[-1]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 def lr_trace(schedule: str, warmup: float, total: int = 12, lr: float = 0.1) -> list[float]:
     """The learning rate each of ``total`` optimiser steps uses, then the one after the last step."""
     model = tiny_model()

@@ -189,6 +189,10 @@ class DistillConfig(Section):
     stage1_epochs: int = num(10, 0, 1000)
     stage2_lr: float = num(3e-5, 0.0, 1.0, lo_open=True)
     stage2_epochs: int = num(3, 1, 1000)
+    # Each stage runs at least this many optimisation steps: its epochs are raised to ceil(min_steps / batches per
+    # epoch) when the target domain's training split is small (scarce-data rates, where 3 epochs of 16 reviews are
+    # 3 steps and a student stays at chance). 0 = the epochs as given.
+    min_steps: int = num(0, 0, 1_000_000)
     warmup: float = num(0.1, 0.0, 1.0)
     weight_decay: float = num(0.01, 0.0, 1.0)
     grad_norm: float = num(1.0, 0.0, 1e6, lo_open=True)

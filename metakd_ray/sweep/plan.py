@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -223,7 +224,8 @@ def estimate_cost(cfg: Any, p: Plan, domain_sizes: Mapping[str, int]) -> dict[st
     """Seconds of a 2-CPU machine per stage (the plan's "CPU-seconds at 2-CPU speed"): examples x epochs x the
     :func:`calibration` figures of the precision each stage computes in (``p.compute``) and of grouped or random
     batches (``compute.group_by_length``). A student trial: stage-1 epochs at the stage-1 figure and stage-2 epochs
-    at the stage-2 figure (``distill.stages: one``: stage-1 epochs only; ``finetune``: stage-2 epochs only). Plus
+    at the stage-2 figure (``distill.stages: one``: stage-1 epochs only; ``finetune``: stage-2 epochs only), each
+    raised as ``distill.min_steps`` raises it for the cell's training split. Plus
     the measured fixed seconds per teacher run and per trial (``overhead_seconds``, from the smoke sweep)."""
     cal = calibration()
     grouped = bool(cfg.compute.group_by_length)
@@ -236,12 +238,16 @@ def estimate_cost(cfg: Any, p: Plan, domain_sizes: Mapping[str, int]) -> dict[st
     s1, s2 = s.get("student_stage1_epoch", s["student_epoch"]), s.get("student_stage2_epoch", s["student_epoch"])
     d = cfg.distill
 
+    def epochs(e: int, c: Cell) -> int:  # distill.min_steps raises a small split's epochs
+        batches = max(math.ceil(n[c.domain] * c.rate / d.batch_size), 1)
+        return max(e, math.ceil(d.min_steps / batches))
+
     def per_example(c: Cell) -> float:  # seconds per training example of one trial of cell c
         if c.student_method == "finetune":
-            return d.stage2_epochs * s2
+            return epochs(d.stage2_epochs, c) * s2
         if d.stages == "one":
-            return d.stage1_epochs * s1
-        return d.stage1_epochs * s1 + d.stage2_epochs * s2
+            return epochs(d.stage1_epochs, c) * s1
+        return epochs(d.stage1_epochs, c) * s1 * (d.stage1_epochs > 0) + epochs(d.stage2_epochs, c) * s2
 
     s_cost = sum(n[c.domain] * c.rate * per_example(c) for c in p.cells) * p.trials_per_cell
     t_cost *= sec["teacher"]["teacher_epoch"]
