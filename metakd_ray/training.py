@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Protocol
@@ -152,7 +153,10 @@ def accuracy_by_domain(model: nn.Module, loader: Iterable[dict], domain_names: t
 
 
 class Checkpointer(Protocol):
-    """Where a stage's full state goes after every epoch, and comes back from on resume."""
+    """Where a stage's full state goes after every epoch, and comes back from on resume. A checkpointer with an
+    ``every_s`` attribute > 0 gets a state after an epoch only when that many seconds have passed since the last one
+    (and always after the stage's last epoch): many short epochs (a small split under ``distill.min_steps``) do not
+    each write the full state; a resume repeats at most ``every_s`` of training, exactly."""
 
     def load(self) -> dict | None: ...
 
@@ -252,7 +256,8 @@ def train_stage(
 
     Every epoch (``stage.epochs_for(len(train_loader))`` of them): one pass of ``loss_fn`` over ``train_loader`` (AdamW, schedule, grad-norm clipping), then
     ``evaluate()`` if given; the epoch with the best ``mean`` is kept and its weights are loaded at the end
-    (without ``evaluate`` the last epoch is kept). After every epoch the full state (model, optimiser,
+    (without ``evaluate`` the last epoch is kept). After every epoch (see :class:`Checkpointer` for ``every_s``)
+    the full state (model, optimiser,
     scheduler, epoch, step, RNG states, best weights, history, ``extra_state``) goes to ``checkpointer``; a
     checkpoint found at the start resumes from the epoch after it; one marked ``complete`` (the summary kept for a
     finished stage whose weights a later stage carries on) returns at once. ``set_epoch`` lets a distributed
@@ -288,6 +293,8 @@ def train_stage(
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
     model.train()
+    every_s = float(getattr(checkpointer, "every_s", 0.0) or 0.0)
+    saved_at = time.monotonic()
     for epoch in range(start, epochs):
         if set_epoch:
             set_epoch(epoch)
@@ -325,7 +332,8 @@ def train_stage(
         release_memory()  # the epoch's freed activations back to the OS
         if log:
             log(metrics)
-        if checkpointer:
+        if checkpointer and (epoch == epochs - 1 or time.monotonic() - saved_at >= every_s):
+            saved_at = time.monotonic()
             checkpointer.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "epoch": epoch, "step": step, "history": history,
                                "best_dev": best_dev, "best_epoch": best_epoch, "best_state": best_state,

@@ -169,6 +169,24 @@ def test_min_steps_raises_the_epochs_of_a_small_split(min_steps, epochs):
     assert ckpt.states[-1]["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+class Throttled(Recording):
+    every_s = 1e9  # a checkpointer that wants a state at most every every_s seconds
+
+
+def test_a_throttled_checkpointer_gets_the_last_epoch_with_the_best_dev_of_all():
+    model = tiny_model()
+    ckpt = Throttled()
+    result = train_stage(model, ce_loss(model), fixed_batches(), STAGE, checkpointer=ckpt,
+                         evaluate=scripted([0.5, 0.9, 0.7]))
+    assert [s["epoch"] for s in ckpt.states] == [EPOCHS - 1]  # epochs 0 and 1 were within every_s
+    assert ckpt.states[0]["best_dev"] == result.best_dev == 0.9 and ckpt.states[0]["best_epoch"] == 1
+    assert [m["epoch"] for m in ckpt.states[0]["history"]] == list(range(EPOCHS))
+    ckpt.every_s = 0.0
+    other = tiny_model()
+    train_stage(other, ce_loss(other), fixed_batches(), STAGE, checkpointer=ckpt)
+    assert [s["epoch"] for s in ckpt.states[1:]] == list(range(EPOCHS))  # every_s 0: every epoch
+
+
 def lr_trace(schedule: str, warmup: float, total: int = 12, lr: float = 0.1) -> list[float]:
     """The learning rate each of ``total`` optimiser steps uses, then the one after the last step."""
     model = tiny_model()
