@@ -155,8 +155,9 @@ def accuracy_by_domain(model: nn.Module, loader: Iterable[dict], domain_names: t
 class Checkpointer(Protocol):
     """Where a stage's full state goes after every epoch, and comes back from on resume. A checkpointer with an
     ``every_s`` attribute > 0 gets a state after an epoch only when that many seconds have passed since the last one
-    (and always after the stage's last epoch): many short epochs (a small split under ``distill.min_steps``) do not
-    each write the full state; a resume repeats at most ``every_s`` of training, exactly."""
+    (and always after the stage's last epoch), and the other epochs' metrics through its ``skipped(metrics)`` if it
+    has one: many short epochs (a small split under ``distill.min_steps``) do not each write the full state; a
+    resume repeats at most ``every_s`` of training, exactly."""
 
     def load(self) -> dict | None: ...
 
@@ -332,7 +333,10 @@ def train_stage(
         release_memory()  # the epoch's freed activations back to the OS
         if log:
             log(metrics)
-        if checkpointer and (epoch == epochs - 1 or time.monotonic() - saved_at >= every_s):
+        if checkpointer and epoch < epochs - 1 and time.monotonic() - saved_at < every_s:
+            if (skipped := getattr(checkpointer, "skipped", None)) is not None:
+                skipped(metrics)
+        elif checkpointer:
             saved_at = time.monotonic()
             checkpointer.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "epoch": epoch, "step": step, "history": history,

@@ -172,6 +172,13 @@ def test_min_steps_raises_the_epochs_of_a_small_split(min_steps, epochs):
 class Throttled(Recording):
     every_s = 1e9  # a checkpointer that wants a state at most every every_s seconds
 
+    def __init__(self):
+        super().__init__()
+        self.skips: list[dict] = []
+
+    def skipped(self, metrics: dict) -> None:
+        self.skips.append(dict(metrics))
+
 
 def test_a_throttled_checkpointer_gets_the_last_epoch_with_the_best_dev_of_all():
     model = tiny_model()
@@ -179,6 +186,8 @@ def test_a_throttled_checkpointer_gets_the_last_epoch_with_the_best_dev_of_all()
     result = train_stage(model, ce_loss(model), fixed_batches(), STAGE, checkpointer=ckpt,
                          evaluate=scripted([0.5, 0.9, 0.7]))
     assert [s["epoch"] for s in ckpt.states] == [EPOCHS - 1]  # epochs 0 and 1 were within every_s
+    assert [m["epoch"] for m in ckpt.skips] == list(range(EPOCHS - 1))  # ... and came as metrics only
+    assert [m["dev_acc_mean"] for m in ckpt.skips + ckpt.metrics] == [0.5, 0.9, 0.7]
     assert ckpt.states[0]["best_dev"] == result.best_dev == 0.9 and ckpt.states[0]["best_epoch"] == 1
     assert [m["epoch"] for m in ckpt.states[0]["history"]] == list(range(EPOCHS))
     ckpt.every_s = 0.0

@@ -4,15 +4,15 @@ The trial reads everything from storage — the cell's teacher outputs from its 
 run live, when the cell has no usable cache), the prototype scores, the data from the data root — never through the
 object store, and builds its cell with ``metakd_ray.cell`` like the single-process path does.
 
-It keeps its own record and training state (``sweep/records.py``): the record when it starts, after an epoch at
-most every 30 s and after each stage's last one (the state first, then the record, then the report to Tune: a
-reported epoch is never lost), when it fails (the
+It keeps its own record and training state (``sweep/records.py``): the record when it starts, after every epoch
+(the state too after an epoch at most every 30 s and after each stage's last one; then the record, then the report
+to Tune: a retry resumes from the last state and repeats the epochs after it with the same values), when it fails (the
 exception line) and when it finishes (the final report). Why not Tune checkpoints: Tune deletes a trial's older
 checkpoints (``num_to_keep``) as soon as the driver registers a newer one, while the experiment state a restored
 sweep starts from is snapshotted only every >= 10 s; a driver killed in between restores a trial from a checkpoint
 that no longer exists, and Tune errors the trial. Here the one state there is, is the newest.
 
-Reported metrics: with each saved epoch ``dev_acc`` (best target-domain dev accuracy so far of the dev-selected
+Reported metrics: every epoch ``dev_acc`` (best target-domain dev accuracy so far of the dev-selected
 stage; 0.0 before it), ``phase`` (stage name), ``epoch``, ``train_*``; the last report ``phase: "final"``, ``test_acc``,
 ``dev_acc``, ``wall_s``, ``cpu_s``, ``gpu_s``, ``n_train``, ``teacher_key``, ``cache_key``, ``teacher_source``
 (``cache``, ``live``, or ``""`` without a teacher), ``device`` and ``precision`` (what the student ran with),
@@ -83,9 +83,10 @@ def _cpu_seconds() -> float:
 
 class TrialCheckpointer:
     """The ``Checkpointer`` of one distillation stage inside a trial: the state of every stage so far goes to the
-    trial's store, then its record, then the epoch's metrics are reported to Tune. At most every ``every_s``
-    seconds and after each stage's last epoch (``training.Checkpointer``): a state is ~280 MB for the MiniLM
-    student, about a second to write, and a small split's epochs under ``distill.min_steps`` last less than that."""
+    trial's store, then its record, then the epoch's metrics are reported to Tune. The state at most every
+    ``every_s`` seconds and after each stage's last epoch (``training.Checkpointer``; the other epochs go through
+    :meth:`skipped`): a state is ~280 MB for the MiniLM student, about a second to write, and a small split's
+    epochs under ``distill.min_steps`` last less than that."""
 
     every_s = 30.0
 
@@ -99,8 +100,6 @@ class TrialCheckpointer:
         return state
 
     def save(self, state: dict, metrics: dict) -> None:
-        from ray import tune
-
         # Earlier stages are complete and their weights live on in this stage's: keep only their summary.
         done = {name: {"complete": True, "history": st["history"], "best_dev": st["best_dev"],
                        "best_epoch": st["best_epoch"]}
@@ -108,14 +107,26 @@ class TrialCheckpointer:
         self.progress["states"] = {**done, self.stage.name: state}
         if self.stage.select_on_dev:  # the stage's best over all its epochs, also those between two saves
             self.progress["best_dev"] = max(self.progress["best_dev"], float(state["best_dev"]))
-        dev = max(self.progress["best_dev"], 0.0)
         buf = io.BytesIO()
         torch.save(self.progress, buf)
-        key = self.record[0].key
-        self.store.write_state(key, buf.getvalue())  # first the state, then the record, then the report
+        self.store.write_state(self.record[0].key, buf.getvalue())  # first the state, then the record, the report
+        self._report(metrics, after_state=True)
+
+    def skipped(self, metrics: dict) -> None:
+        """An epoch whose state is not written (``every_s``): its record and report only. A retry resumes from the
+        last state and repeats the epochs after it, reporting them again with the same values."""
+        if self.stage.select_on_dev and "dev_acc_mean" in metrics:
+            self.progress["best_dev"] = max(self.progress["best_dev"], metrics["dev_acc_mean"])
+        self._report(metrics, after_state=False)
+
+    def _report(self, metrics: dict, after_state: bool) -> None:
+        from ray import tune
+
+        dev = max(self.progress["best_dev"], 0.0)
         self.record[0] = self.record[0].reported(self.stage.name, metrics["epoch"], dev)
         self.store.write(self.record[0])
-        kill_fault(self.record[0])
+        if after_state:
+            kill_fault(self.record[0])
         tune.report({"dev_acc": dev, "phase": self.stage.name, "epoch": metrics["epoch"],
                      **{k: v for k, v in metrics.items() if k.startswith("train_")}})
 
