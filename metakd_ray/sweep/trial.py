@@ -5,15 +5,15 @@ run live, when the cell has no usable cache), the prototype scores, the data fro
 object store, and builds its cell with ``metakd_ray.cell`` like the single-process path does.
 
 It keeps its own record and training state (``sweep/records.py``): the record when it starts, after every epoch
-(the state too after an epoch at most every 30 s and after each stage's last one; then the record, then the report
-to Tune: a retry resumes from the last state and repeats the epochs after it with the same values), when it fails (the
-exception line) and when it finishes (the final report). Why not Tune checkpoints: Tune deletes a trial's older
-checkpoints (``num_to_keep``) as soon as the driver registers a newer one, while the experiment state a restored
-sweep starts from is snapshotted only every >= 10 s; a driver killed in between restores a trial from a checkpoint
-that no longer exists, and Tune errors the trial. Here the one state there is, is the newest.
+(the state too after an epoch at most every 30 s and after each stage's last one; then the record, then the
+report to Tune: a retry resumes from the last state and repeats the epochs after it with the same values), when it
+fails (the exception line) and when it finishes (the final report). Why not Tune checkpoints: Tune deletes a
+trial's older checkpoints (``num_to_keep``) as soon as the driver registers a newer one, while the experiment state
+a restored sweep starts from is snapshotted only every >= 10 s; a driver killed in between restores a trial from a
+checkpoint that no longer exists, and Tune errors the trial. Here the one state there is, is the newest.
 
-Reported metrics: every epoch ``dev_acc`` (best target-domain dev accuracy so far of the dev-selected
-stage; 0.0 before it), ``phase`` (stage name), ``epoch``, ``train_*``; the last report ``phase: "final"``, ``test_acc``,
+Reported metrics: every epoch ``dev_acc`` (best target-domain dev accuracy so far of the dev-selected stage; 0.0
+before it), ``phase`` (stage name), ``epoch``, ``train_*``; the last report ``phase: "final"``, ``test_acc``,
 ``dev_acc``, ``wall_s``, ``cpu_s``, ``gpu_s``, ``n_train``, ``teacher_key``, ``cache_key``, ``teacher_source``
 (``cache``, ``live``, or ``""`` without a teacher), ``device`` and ``precision`` (what the student ran with),
 ``node_id`` (the Ray node it ran on).
@@ -105,8 +105,6 @@ class TrialCheckpointer:
                        "best_epoch": st["best_epoch"]}
                 for name, st in self.progress["states"].items() if name != self.stage.name}
         self.progress["states"] = {**done, self.stage.name: state}
-        if self.stage.select_on_dev:  # the stage's best over all its epochs, also those between two saves
-            self.progress["best_dev"] = max(self.progress["best_dev"], float(state["best_dev"]))
         buf = io.BytesIO()
         torch.save(self.progress, buf)
         self.store.write_state(self.record[0].key, buf.getvalue())  # first the state, then the record, the report
@@ -115,13 +113,13 @@ class TrialCheckpointer:
     def skipped(self, metrics: dict) -> None:
         """An epoch whose state is not written (``every_s``): its record and report only. A retry resumes from the
         last state and repeats the epochs after it, reporting them again with the same values."""
-        if self.stage.select_on_dev and "dev_acc_mean" in metrics:
-            self.progress["best_dev"] = max(self.progress["best_dev"], metrics["dev_acc_mean"])
         self._report(metrics, after_state=False)
 
     def _report(self, metrics: dict, after_state: bool) -> None:
         from ray import tune
 
+        if self.stage.select_on_dev and "dev_acc_mean" in metrics:  # every epoch comes here, saved or not
+            self.progress["best_dev"] = max(self.progress["best_dev"], metrics["dev_acc_mean"])
         dev = max(self.progress["best_dev"], 0.0)
         self.record[0] = self.record[0].reported(self.stage.name, metrics["epoch"], dev)
         self.store.write(self.record[0])
