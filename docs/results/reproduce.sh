@@ -25,7 +25,7 @@ run() {  # run NAME PRESET RUN_DIR [overrides...]
 }
 run amazon-table amazon-table runs/amazon
 run scarcity scarcity runs/amazon
-run scarcity-steps scarcity runs/amazon "sweep.sample_rates=[0.01,0.05,0.1]" "sweep.seeds_per_rate=[3,3,3]" \
+run scarcity-steps scarcity runs/amazon "sweep.sample_rates=[0.01,0.05,0.1,0.2]" "sweep.seeds_per_rate=[3,3,3,3]" \
     distill.min_steps=50
 run gamma2 gamma2 runs/amazon
 run mnli-table mnli-table runs/mnli-table
