@@ -61,8 +61,9 @@ def run(precision: str, root: Path, extra: list[str]) -> dict:
 
 def per_run_overhead(root: Path, df, plan: dict, precision: str) -> dict:
     """Seconds per teacher run and per trial beyond the calibrated compute (``metakd_ray/sweep/calibration.json``:
-    training examples x epochs x seconds per example): start-up, data and model loading, dev and test evaluation,
-    export, checkpoints. The mean over this sweep's teachers and trials."""
+    training examples x epochs x seconds per example, and a trial's dev and test evaluations): start-up, data and
+    model loading, export, checkpoints (a teacher's evaluations too). The mean over this sweep's teachers and
+    trials."""
     cal = json.loads((REPO / "metakd_ray" / "sweep" / "calibration.json").read_text())
     key = "fp32" if plan["compute"]["teacher"].startswith("fp32") else "bf16"
     sec = cal["seconds_per_example"][key]
@@ -72,10 +73,22 @@ def per_run_overhead(root: Path, df, plan: dict, precision: str) -> dict:
         compute = m["n_train"] * cfg["teacher"]["epochs"] * sec["teacher_epoch"] + m["n_pool"] * sec["eval"]
         teachers.append(m["seconds"]["total"] - compute)
     d = cfg["distill"]
+    ev = eval_sizes(cfg)  # the plan's estimate counts a trial's dev and test evaluations itself
     trials = [row.wall_s - row.n_train * (d["stage1_epochs"] * sec["student_stage1_epoch"]
                                           + d["stage2_epochs"] * sec["student_stage2_epoch"])
+              - (d["stage2_epochs"] * ev["dev"][row.domain] + ev["test"][row.domain]) * sec["eval"]
               for row in df.itertuples()]
     return {"teacher_run": round(sum(teachers) / len(teachers), 1), "trial": round(sum(trials) / len(trials), 1)}
+
+
+def eval_sizes(cfg: dict) -> dict:
+    """{"dev": {domain: rows}, "test": ...} of the sweep's data, as the plan's estimate gets them (preflight)."""
+    from metakd_ray import config as C
+    from metakd_ray import preflight
+
+    found = preflight.Findings()
+    preflight.data_errors(C.from_dict(cfg), found)
+    return found.eval_sizes
 
 
 def write_overheads(runs: dict) -> None:

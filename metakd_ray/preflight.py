@@ -54,6 +54,7 @@ class Findings:
 
     errors: list[str] = field(default_factory=list)
     domain_sizes: dict[str, int] | None = None
+    eval_sizes: dict[str, dict[str, int]] | None = None  # {"dev": {domain: rows}, "test": {...}}
 
 
 def check(cfg: C.Config, *, data: bool = True, models: bool = True, storage: bool = True,
@@ -187,7 +188,7 @@ def _split_source(cfg: C.Config, split: str) -> str:
 
 def data_errors(cfg: C.Config, out: Findings | None = None) -> list[str]:
     """The corpus reads, every domain has every class in train, dev and test, and every subsampled training pool
-    keeps every class of each domain it trains on. Sets ``out.domain_sizes``."""
+    keeps every class of each domain it trains on. Sets ``out.domain_sizes`` and ``out.eval_sizes``."""
     from metakd_ray import data as D
 
     try:
@@ -210,9 +211,10 @@ def data_errors(cfg: C.Config, out: Findings | None = None) -> list[str]:
                 missing = ", ".join(repr(labels[y]) for y in range(len(labels)) if y not in have)
                 errors.append(f"{_split_source(cfg, split)}: domain {d!r} has no {missing} rows; allowed: every "
                               f"class ({', '.join(labels)}) in each domain's train, dev and test")
-    doms = D.column(splits["train"], "domain")
     if out is not None:
-        out.domain_sizes = {d: doms.count(d) for d in domains}
+        sizes = {split: Counter(D.column(splits[split], "domain")) for split in ("train", "dev", "test")}
+        out.domain_sizes = {d: sizes["train"][d] for d in domains}
+        out.eval_sizes = {split: {d: sizes[split][d] for d in domains} for split in ("dev", "test")}
     return errors + pool_errors(cfg, splits["train"], present, labels)
 
 

@@ -55,3 +55,23 @@ def test_min_steps_raises_the_estimate_of_small_splits_only(tmp_path, bf16_cpu):
     overhead = len(make_plan(tiny_config(tmp_path, "sweep.sample_rates=[0.1]")).cells) * \
         calibration()["overhead_seconds"]["bf16"]["trial"]
     assert (raised - overhead) == pytest.approx(8 * (plain - overhead), rel=0.01)
+
+
+def test_each_trial_adds_its_dev_evaluations_per_selected_epoch_and_its_test_split(tmp_path, bf16_cpu):
+    # dev is scored after every stage-2 epoch (the stage selected on dev), test once; min_steps raises the epochs
+    evals = {"dev": {"alpha": 200, "beta": 300, "gamma": 400}, "test": {"alpha": 100, "beta": 100, "gamma": 100}}
+    sec = calibration()["seconds_per_example"]["bf16"]["eval"]
+
+    def added(*o):
+        cfg = tiny_config(tmp_path, "compute.precision=auto", "sweep.sample_rates=[0.1]", *o)
+        p = make_plan(cfg)
+        return estimate_cost(cfg, p, SIZES, evals)["trial_cpu_s"] - estimate_cost(cfg, p, SIZES)["trial_cpu_s"], p
+
+    plain, p = added()
+    cfg = tiny_config(tmp_path, "sweep.sample_rates=[0.1]")
+    scored = sum(cfg.distill.stage2_epochs * evals["dev"][c.domain] + evals["test"][c.domain] for c in p.cells)
+    assert plain == pytest.approx(scored * p.trials_per_cell * sec, abs=1)
+    raised, _ = added("distill.min_steps=300")  # 13 batches per epoch at rate 0.1: 24 selected epochs
+    scored = sum(24 * evals["dev"][c.domain] + evals["test"][c.domain] for c in p.cells)
+    assert raised == pytest.approx(scored * p.trials_per_cell * sec, abs=1)
+    assert make_plan(cfg, SIZES, evals).estimate["trial_cpu_s"] > make_plan(cfg, SIZES).estimate["trial_cpu_s"]

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         if found.errors:
             return _fail(found.errors)
         try:
-            p = make_plan(cfg, found.domain_sizes)
+            p = make_plan(cfg, found.domain_sizes, found.eval_sizes)
         except ValueError as e:  # a plan-time rule preflight does not know yet: still one line, exit 2
             return _fail([preflight.one_line(e)])
         print(json.dumps(p.to_json(), default=str) if args.json else format_plan(p))

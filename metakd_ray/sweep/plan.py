@@ -164,10 +164,12 @@ def plan_cells(cfg: Any) -> tuple[Cell, ...]:
     return tuple(cells.values())
 
 
-def make_plan(cfg: Any, domain_sizes: Mapping[str, int] | None = None) -> Plan:
+def make_plan(cfg: Any, domain_sizes: Mapping[str, int] | None = None,
+              eval_sizes: Mapping[str, Mapping[str, int]] | None = None) -> Plan:
     """The plan of ``cfg``: its cells with their teachers' keys, the distinct teachers, and — given the training
-    examples per domain — an estimated cost in CPU-seconds at this machine's speed. Waves come later
-    (:func:`plan_waves`, once the caches' sizes are known)."""
+    examples per domain (and the dev and test examples, ``{"dev": {domain: n}, "test": ...}``) — an estimated cost
+    in CPU-seconds at this machine's speed. Waves come later (:func:`plan_waves`, once the caches' sizes are
+    known)."""
     from metakd_ray.runtime import stage_precisions
     from metakd_ray.teacher.artefact import teacher_spec  # the teachers' identity (imports the data layer)
 
@@ -184,7 +186,7 @@ def make_plan(cfg: Any, domain_sizes: Mapping[str, int] | None = None) -> Plan:
     p = Plan(cfg.name, cfg.sweep.trials_per_cell, tuple(cells), shown, compute=stage_precisions(cfg),
              live_teacher=live)
     if domain_sizes:
-        p = dataclasses.replace(p, estimate=estimate_cost(cfg, p, domain_sizes))
+        p = dataclasses.replace(p, estimate=estimate_cost(cfg, p, domain_sizes, eval_sizes))
     return p
 
 
@@ -220,13 +222,17 @@ def _teacher_model_type(name: str) -> str | None:
         return None
 
 
-def estimate_cost(cfg: Any, p: Plan, domain_sizes: Mapping[str, int]) -> dict[str, Any]:
+def estimate_cost(cfg: Any, p: Plan, domain_sizes: Mapping[str, int],
+                  eval_sizes: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, Any]:
     """Seconds of a 2-CPU machine per stage (the plan's "CPU-seconds at 2-CPU speed"): examples x epochs x the
     :func:`calibration` figures of the precision each stage computes in (``p.compute``) and of grouped or random
     batches (``compute.group_by_length``). A student trial: stage-1 epochs at the stage-1 figure and stage-2 epochs
     at the stage-2 figure (``distill.stages: one``: stage-1 epochs only; ``finetune``: stage-2 epochs only), each
-    raised as ``distill.min_steps`` raises it for the cell's training split. Plus
-    the measured fixed seconds per teacher run and per trial (``overhead_seconds``, from the smoke sweep)."""
+    raised as ``distill.min_steps`` raises it for the cell's training split. Given ``eval_sizes``, each trial's
+    evaluations too: the target's dev split after every epoch of the stage selected on dev (stage 2, ``one`` or
+    ``finetune``) and its test split once, at the calibrated ``eval`` figure (under ``min_steps`` a small split's
+    many short epochs each score the whole dev split). Plus the measured fixed seconds per teacher run and per
+    trial (``overhead_seconds``, from the smoke sweep)."""
     cal = calibration()
     grouped = bool(cfg.compute.group_by_length)
     compute = p.compute or {}
@@ -249,7 +255,14 @@ def estimate_cost(cfg: Any, p: Plan, domain_sizes: Mapping[str, int]) -> dict[st
             return epochs(d.stage1_epochs, c) * s1
         return epochs(d.stage1_epochs, c) * s1 * (d.stage1_epochs > 0) + epochs(d.stage2_epochs, c) * s2
 
-    s_cost = sum(n[c.domain] * c.rate * per_example(c) for c in p.cells) * p.trials_per_cell
+    def evaluated(c: Cell) -> float:  # examples scored by one trial of cell c: dev after each selected epoch, test
+        if not eval_sizes:
+            return 0.0
+        e = epochs(d.stage1_epochs if d.stages == "one" and c.student_method != "finetune" else d.stage2_epochs, c)
+        return e * eval_sizes["dev"][c.domain] + eval_sizes["test"][c.domain]
+
+    s_cost = sum(n[c.domain] * c.rate * per_example(c) + evaluated(c) * s["eval"] for c in p.cells) \
+        * p.trials_per_cell
     t_cost *= sec["teacher"]["teacher_epoch"]
     c_cost *= sec["cache"]["cache"]
     # fixed seconds per teacher run and per trial (start-up, loading, evaluation, export), measured on the smoke sweep
