@@ -75,3 +75,12 @@ def test_each_trial_adds_its_dev_evaluations_per_selected_epoch_and_its_test_spl
     scored = sum(24 * evals["dev"][c.domain] + evals["test"][c.domain] for c in p.cells)
     assert raised == pytest.approx(scored * p.trials_per_cell * sec, abs=1)
     assert make_plan(cfg, SIZES, evals).estimate["trial_cpu_s"] > make_plan(cfg, SIZES).estimate["trial_cpu_s"]
+
+
+def test_teacher_min_steps_raises_the_teacher_estimate_of_small_pools_only(tmp_path, bf16_cpu):
+    def teachers(rate, *o):
+        cfg = tiny_config(tmp_path, "compute.precision=auto", f"sweep.sample_rates=[{rate}]", *o)
+        return estimate_cost(cfg, make_plan(cfg), SIZES)["teacher_cpu_s"]
+
+    assert teachers(1.0, "teacher.min_steps=100") == teachers(1.0)  # 125+ batches per epoch already
+    assert teachers(0.1, "teacher.min_steps=400") > teachers(0.1)

@@ -17,7 +17,9 @@ from metakd_ray import config as C
 from metakd_ray import data as D
 from metakd_ray.storage import Storage
 from metakd_ray.teacher import MANIFEST, load_teacher, teacher_logits, teacher_spec, teacher_specs_for
+from metakd_ray.teacher.artefact import teacher_identity
 from metakd_ray.teacher.job import ensure_teacher
+from metakd_ray.teacher.model import teacher_stage
 from metakd_ray.training import accuracy_by_domain
 
 # Ray workers cannot import tests/toy.py (tests/ is not a package): ship its factories by value.
@@ -64,7 +66,8 @@ def test_spec_keys_share_teachers_only_when_the_training_set_allows(tmp_path):
     excl = teacher_spec(tiny_config(tmp_path, "teacher.exclude_target=true"), "meta", "beta", 0.5, 0)
     assert excl.domains == ("alpha", "gamma") and excl.key.startswith("meta-without-beta-")
     # Anything that changes the teacher changes the key; where and how fast it runs does not.
-    for change in ("teacher.lr=0.001", "teacher.gamma1=0.2", "model.dropout=0.1", "data.max_length=32"):
+    for change in ("teacher.lr=0.001", "teacher.gamma1=0.2", "model.dropout=0.1", "data.max_length=32",
+                   "teacher.min_steps=40"):
         assert teacher_spec(tiny_config(tmp_path, change), "meta", None, 0.5, 0).key != meta.key, change
     assert teacher_spec(cfg, "meta", None, 0.2, 0).key != meta.key != teacher_spec(cfg, "meta", None, 0.5, 1).key
     moved = tiny_config(tmp_path / "elsewhere", "ray.train_workers=2", "data.root=/somewhere")
@@ -77,6 +80,21 @@ def test_spec_keys_share_teachers_only_when_the_training_set_allows(tmp_path):
     specs = teacher_specs_for(sweep)
     assert len(specs) == len(set(specs)) == 2 * (3 + 1 + 1)  # per rate: 3 single, 1 meta, 1 mix
     assert teacher_specs_for(tiny_config(tmp_path, "sweep.methods=[none/finetune]")) == []
+
+
+def test_teacher_min_steps_raises_a_small_pools_epochs_and_keeps_older_keys(tmp_path):
+    """``teacher.min_steps``: at least that many optimisation steps, the epochs raised; 0 (the default) leaves the
+    teacher's identity as it was before the option existed, so teachers already trained keep their keys."""
+    cfg = tiny_config(tmp_path, "ray.train_workers=0")
+    assert "min_steps" not in teacher_identity(cfg, "meta", DOMAINS, None, 0.5, 0)["teacher"]
+    raised = tiny_config(tmp_path, "ray.train_workers=0", "teacher.min_steps=40")
+    assert teacher_identity(raised, "meta", DOMAINS, None, 0.5, 0)["teacher"]["min_steps"] == 40
+    spec = teacher_spec(raised, "meta", None, 0.5, 0)
+    art = ensure_teacher(raised, spec, Storage(str(tmp_path / "store")), inputs=ToyInputs())
+    # 48 pool rows at batch 8: 6 steps per epoch; 4 epochs are 24 steps, 40 steps need ceil(40 / 6) = 7 epochs
+    assert [h["epoch"] for h in art.manifest["history"]] == list(range(7))
+    plain = tiny_config(tmp_path, "ray.train_workers=0", "teacher.min_steps=24")  # 4 epochs reach it already
+    assert teacher_stage(plain.teacher, "meta").epochs_for(6) == 4
 
 
 @pytest.fixture(scope="module")

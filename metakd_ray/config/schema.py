@@ -156,6 +156,8 @@ class TeacherConfig(Section):
     lr: float = num(2e-5, 0.0, 1.0, lo_open=True)
     batch_size: int = num(32, 1, 65536)
     epochs: int = num(3, 1, 1000)
+    # At least this many optimisation steps (epochs raised for a small pool, as distill.min_steps); 0 = as given.
+    min_steps: int = num(0, 0, 1_000_000)
     warmup: float = num(0.1, 0.0, 1.0)
     weight_decay: float = num(0.01, 0.0, 1.0)
     grad_norm: float = num(1.0, 0.0, 1e6, lo_open=True)

@@ -238,7 +238,12 @@ def estimate_cost(cfg: Any, p: Plan, domain_sizes: Mapping[str, int],
     compute = p.compute or {}
     sec = {stage: _per_example(cal, compute.get(stage), grouped) for stage in ("teacher", "cache", "trial")}
     n = domain_sizes
-    t_cost = sum(sum(n[d] for d in t["domains"]) * t["rate"] * cfg.teacher.epochs for t in p.teachers)
+    def t_epochs(t: Mapping[str, Any]) -> int:  # teacher.min_steps raises a small pool's epochs (batches per worker)
+        pool = sum(n[dom] for dom in t["domains"]) * t["rate"]
+        batches = max(math.ceil(pool / max(cfg.teacher.batch_size, 1)), 1)
+        return max(cfg.teacher.epochs, math.ceil(cfg.teacher.min_steps / batches))
+
+    t_cost = sum(sum(n[d] for d in t["domains"]) * t["rate"] * t_epochs(t) for t in p.teachers)
     c_cost = sum(n[c["domain"]] * c["rate"] for c in p.caches)
     s = sec["trial"]
     s1, s2 = s.get("student_stage1_epoch", s["student_epoch"]), s.get("student_stage2_epoch", s["student_epoch"])

@@ -72,6 +72,13 @@ class TeacherSpec:
         return re.sub(r"[^A-Za-z0-9_.=+-]", "_", f"{self.kind}-{scope}-r{self.rate:g}-s{self.seed}-{self.digest}")
 
 
+def _teacher_section(tcfg: C.TeacherConfig) -> dict:
+    """The ``teacher`` section as it changes a teacher; ``min_steps`` only when set (the keys of teachers made
+    before it existed, all with 0, stay valid)."""
+    d = C.to_dict(tcfg)
+    return d if d.get("min_steps") else {k: v for k, v in d.items() if k != "min_steps"}
+
+
 def teacher_identity(cfg: C.Config, kind: str, domains: tuple[str, ...], target: str | None, rate: float,
                      seed: int) -> dict:
     """Everything that changes a teacher: the data (corpus, every domain of the pool, split, length, scarcity),
@@ -87,7 +94,7 @@ def teacher_identity(cfg: C.Config, kind: str, domains: tuple[str, ...], target:
         data["table"] = C.to_dict(d.table)
     return {"format": TEACHER_FORMAT, "data": data,
             "model": {"teacher": cfg.model.teacher, "pooling": cfg.model.pooling, "dropout": cfg.model.dropout},
-            "teacher": C.to_dict(cfg.teacher), "kind": kind, "trained_domains": list(domains), "target": target,
+            "teacher": _teacher_section(cfg.teacher), "kind": kind, "trained_domains": list(domains), "target": target,
             "rate": rate, "seed": seed,
             "compute": {**C.to_dict(cfg.compute), "precision": stage_precision(cfg, "teacher")}}
 

@@ -8,12 +8,11 @@ Data path: every worker loads the splits itself (``inputs(cfg)``: the data root 
 reads them through a map-style ``DataLoader`` with our ``data.batching.EpochSampler`` (not Ray Data shards: a
 teacher's training set is small and map-style, and the loop stays the single-process one). The sampler gives exact
 epochs ordered by (``spec.seed``, epoch), grouped by length per ``compute.group_by_length``, dealt out by stride as
-``DistributedSampler`` does,
-with a per-worker batch of ``teacher.batch_size / workers``: the global batches are then the same rows for 1 or N
-workers, and DDP's gradient average over N equal shards equals the full batch's mean-loss gradient (up to float
-summation order). ``prepare_data_loader`` is not used: it would replace any sampler that is not a
-``DistributedSampler``; ``train_stage`` moves each batch to the worker's device (``ray.train.torch.get_device``)
-and runs it in the precision the driver resolved (``spec.precision``).
+``DistributedSampler`` does, with a per-worker batch of ``teacher.batch_size / workers``: the global batches are
+then the same rows for 1 or N workers, and DDP's gradient average over N equal shards equals the full batch's
+mean-loss gradient (up to float summation order). ``prepare_data_loader`` is not used: it would replace any sampler
+that is not a ``DistributedSampler``; ``train_stage`` moves each batch to the worker's device
+(``ray.train.torch.get_device``) and runs it in the precision the driver resolved (``spec.precision``).
 """
 
 from __future__ import annotations
@@ -59,7 +58,7 @@ from metakd_ray.teacher.artefact import (
     teacher_identity,
     write_prototype_scores,
 )
-from metakd_ray.teacher.model import build_teacher, pool_prototype_scores, teacher_logits, train_teacher
+from metakd_ray.teacher.model import build_teacher, pool_prototype_scores, teacher_logits, teacher_stage, train_teacher
 from metakd_ray.tracking import teacher_tracking
 from metakd_ray.training import accuracy_by_domain, load_state, set_seed
 
@@ -202,12 +201,13 @@ def train_loop_per_worker(config: dict) -> dict:
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"forward_sync_buffers": False})
     checkpointer = RayCheckpointer(storage, spec.key, ddp=world > 1, local_mode=config["local_mode"])
     tracker = config["tracking"].open() if rank == 0 else None  # storage.tracking; ends with the last epoch's log
-    progress = (logs.StepProgress(f"[teacher] {spec.key}", cfg.teacher.epochs, len(train_loader),
-                                  stream=sys.stdout) if rank == 0 else None)
+    epochs = teacher_stage(cfg.teacher, spec.kind).epochs_for(len(train_loader))  # teacher.min_steps raises them
+    progress = logs.StepProgress(f"[teacher] {spec.key}", epochs, len(train_loader), stream=sys.stdout) if rank == 0 \
+        else None
 
     def log(metrics: dict) -> None:
         if rank == 0:
-            print(logs.epoch_line(f"[teacher] {spec.key}", metrics, cfg.teacher.epochs), flush=True)
+            print(logs.epoch_line(f"[teacher] {spec.key}", metrics, epochs), flush=True)
             tracker.log(metrics)
         if hook is not None:
             hook(metrics)

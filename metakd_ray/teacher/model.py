@@ -139,6 +139,12 @@ def teacher_logits(model: nn.Module, batch: dict) -> torch.Tensor:
     return teacher_forward(model, batch).logits
 
 
+def teacher_stage(tcfg: TeacherConfig, kind: str) -> StageConfig:
+    """The optimisation settings of a teacher run (``teacher.min_steps`` raises a small pool's epochs)."""
+    return StageConfig(name=f"teacher-{kind}", epochs=tcfg.epochs, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
+                       warmup=tcfg.warmup, grad_norm=tcfg.grad_norm, min_steps=tcfg.min_steps)
+
+
 def train_teacher(
     model: nn.Module,
     kind: str,
@@ -162,13 +168,11 @@ def train_teacher(
         raise ValueError("teacher kind 'meta' needs at least 2 domains (the domain-corruption loss draws a false "
                          f"domain from the others); got {num_domains}")
     logs.quiet_driver()  # in a Ray Train worker, once Ray Train has set up its loggers (unless --verbose)
-    stage = StageConfig(name=f"teacher-{kind}", epochs=tcfg.epochs, lr=tcfg.lr, weight_decay=tcfg.weight_decay,
-                        warmup=tcfg.warmup, grad_norm=tcfg.grad_norm)
     return train_stage(
         model,
         lambda batch, gen: teacher_loss(kind, model, batch, tcfg, num_domains, gen),
         train_loader,
-        stage,
+        teacher_stage(tcfg, kind),
         evaluate=lambda: accuracy_by_domain(model, dev_loader, domain_names, teacher_logits, runtime=runtime),
         seed=seed,
         checkpointer=checkpointer,
