@@ -1,6 +1,7 @@
 """The scarcity curve as the preset runs it and with distill.min_steps: python docs/results/scarcity_steps.py [DIR]
 
-For each of DIR/scarcity.csv and DIR/scarcity-steps.csv (default DIR: docs/results) that exists: the summary's
+For each of DIR/scarcity.csv, DIR/scarcity-steps.csv (students with distill.min_steps=50) and
+DIR/scarcity-teacher-steps.csv (teachers too, teacher.min_steps=50) that exists (default DIR: docs/results): the summary's
 scarcity table (results.publish.scarcity_table: each teacher and student method's mean test accuracy per rate,
 Meta-KD's improvement rate), then how many of the students stayed near chance (test accuracy < 55 % on a balanced
 binary task) per method and rate.
@@ -14,7 +15,7 @@ import pandas as pd
 from metakd_ray.results.publish import scarcity_table
 
 D = sys.argv[1] if len(sys.argv) > 1 else "docs/results"
-for name in ("scarcity", "scarcity-steps"):
+for name in ("scarcity", "scarcity-steps", "scarcity-teacher-steps"):
     if not os.path.exists(path := f"{D}/{name}.csv"):
         continue
     rows = pd.read_csv(path)
