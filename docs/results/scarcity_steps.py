@@ -1,8 +1,8 @@
 """The scarcity curve as the preset runs it and with distill.min_steps: python docs/results/scarcity_steps.py [DIR]
 
 For each of DIR/scarcity.csv, DIR/scarcity-steps.csv (students with distill.min_steps=50) and
-DIR/scarcity-teacher-steps.csv (teachers too, teacher.min_steps=50) that exists (default DIR: docs/results): the summary's
-scarcity table (results.publish.scarcity_table: each teacher and student method's mean test accuracy per rate,
+DIR/scarcity-teacher-steps.csv (teachers too, teacher.min_steps=50) that exists (default DIR: docs/results): the
+summary's scarcity table (results.publish.scarcity_table: each teacher and student method's mean test accuracy per rate,
 Meta-KD's improvement rate), then how many of the students stayed near chance (test accuracy < 55 % on a balanced
 binary task) per method and rate.
 """
