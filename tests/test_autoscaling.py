@@ -253,5 +253,7 @@ def test_a_lost_worker_node_loses_no_trial(project, fake_cluster, tmp_path):
     final = {p.stem: json.loads(p.read_text()) for p in (sweep / "trials").glob("*.json")}
     hit = [k for k, rec in final.items() if f"{k}.json" not in done and rec["attempts"] >= 2]
     assert hit and all(final[k]["final"]["node_id"] != lost for k in hit), (final, lost)
+    # and its record says why: the lost attempt's error, recorded by the driver from Tune (it could not write it)
+    assert all(len(final[k]["errors"]) == final[k]["attempts"] - 1 for k in hit), final
     assert fake_cluster.nodes()[lost]["alive"] is False
     assert {fake_cluster.nodes()[n]["type"] for n in df["node_id"]} == {"trial"}

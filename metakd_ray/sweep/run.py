@@ -14,7 +14,7 @@ from metakd_ray import logs
 from metakd_ray.storage import Storage
 from metakd_ray.sweep import signals
 from metakd_ray.sweep.plan import PLAN_FILE, Cell, Plan, format_compute, make_plan, plan_waves
-from metakd_ray.sweep.records import ERROR, OK, TrialStore, error_line, trial_key
+from metakd_ray.sweep.records import ERROR, OK, TrialStore
 
 METRIC, MODE = "dev_acc", "max"
 MAX_LISTED = 12  # the closing summary lists each cell's score and student up to this many cells
@@ -41,6 +41,7 @@ def run_trials(cfg: C.Config, cells: list[Cell], storage: Storage, experiment: s
     from ray import tune
 
     from metakd_ray.runtime import stage_precision
+    from metakd_ray.sweep.attempts import RecordFailedAttempts, record_tune_errors
     from metakd_ray.sweep.progress import EtaCallback
     from metakd_ray.sweep.search import GridOfStudiesSearcher
     from metakd_ray.sweep.trial import run_trial
@@ -67,23 +68,12 @@ def run_trials(cfg: C.Config, cells: list[Cell], storage: Storage, experiment: s
                                         reuse_actors=True, trial_dirname_creator=lambda t: t.trial_id),
             run_config=tune.RunConfig(name=experiment, storage_path=exp_root, verbose=2 if logs.verbose() else 0,
                                       failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
-                                      callbacks=[EtaCallback(total), *trackers]),
+                                      callbacks=[EtaCallback(total), RecordFailedAttempts(storage.uri(), cfg.name),
+                                                 *trackers]),
         )
     grid = tuner.fit()
     record_tune_errors(grid, TrialStore(storage.sub("sweeps", cfg.name)))
     return grid
-
-
-def record_tune_errors(grid: Any, store: TrialStore) -> None:
-    """A trial that died without writing its own error record (its worker was killed, say) gets one from Tune's
-    public result (``ResultGrid``: each result's ``config`` and ``error``)."""
-    for result in grid:
-        config, error = result.config or {}, result.error
-        if error is None or "cell" not in config:
-            continue
-        rec = store.read(trial_key(config["cell"], config.get("slot", 0), config.get("hp")))
-        if rec is not None and rec.status == "running":
-            store.write(rec.failed(error_line(error)))
 
 
 def check_same_sweep(cfg: C.Config, storage: Storage) -> None:
