@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import pytest
@@ -89,6 +90,18 @@ def test_save_and_restore_continue_where_it_stopped(tmp_path):
     rest = [r.suggest(f"t{i}") for i in range(3, 5)]
     assert rest[-1] == GridOfStudiesSearcher.FINISHED
     assert Counter(c["cell"] for c in first + rest[:-1]) == {c["cell"]: 2 for c in cells}
+
+
+def test_a_resumed_trial_reporting_an_epoch_again_is_quiet_and_keeps_the_first_value():
+    cfg = C.from_dict({}, ["sweep.target_domains=[books]", "sweep.methods=[meta/meta_kd]"])
+    s = make([c.to_json() for c in plan_cells(cfg)], per_cell=1)
+    s.suggest("t0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for it in (1, 2, 2, 3):  # epoch 2 again after a restore from the state saved at epoch 1
+            s.on_trial_result("t0", {"dev_acc": 0.5 + 0.1 * it, "training_iteration": it})
+    (study,) = s.studies.values()
+    assert study._ot_study.trials[0].intermediate_values == pytest.approx({1: 0.6, 2: 0.7, 3: 0.8})
 
 
 def test_sweep_paths_are_made_absolute(tmp_path, monkeypatch):

@@ -110,7 +110,11 @@ class GridOfStudiesSearcher(Searcher):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         cell = self.trial_cell.get(trial_id)
         if cell is not None and self.metric in result:
-            self.studies[cell].on_trial_result(trial_id, result)
+            # A trial resumed from its saved state reports again the epochs it had run after that state; training
+            # is deterministic, so the value is the same and Optuna keeping the first report loses nothing.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The reported value is ignored", category=UserWarning)
+                self.studies[cell].on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         cell = self.trial_cell.get(trial_id)
