@@ -1,6 +1,6 @@
-"""``metakd_ray.results.publish``: the summary's tables, improvement rate and targets on hand-made per-seed CSVs with
-known accuracies (2 domains, 2 seeds), and ``export`` on a copy of the smoke run (skipped where there is none). Fast,
-no Ray."""
+"""``metakd_ray.results.publish`` and ``results.paper``: the summary's tables, improvement rate and targets on
+hand-made per-seed CSVs with known accuracies (2 domains, 2 seeds), and ``export`` on a copy of the smoke run (skipped
+where there is none). Fast, no Ray."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from metakd_ray.results import publish
+from metakd_ray.results import paper, publish
 from metakd_ray.results import cells, load_results, load_teachers, per_seed
 from metakd_ray.results.tables import PER_SEED_COLUMNS
 
@@ -83,7 +83,7 @@ def _cells(md: str, label: str) -> list[str]:
 
 
 def test_amazon_table_cells_are_mean_and_std_over_seeds_beside_the_papers():
-    md = "\n".join(publish.main_table(amazon(), "amazon"))
+    md = "\n".join(paper.main_table(amazon(), "amazon"))
     # meta teacher: books .90/.92 -> 91.0 ± 1.4; dvd .86/.88 -> 87.0 ± 1.4; domain means per seed .88/.90 -> 89.0 ± 1.4
     assert _cells(md, "meta teacher") == ["91.0 ± 1.4 (92.5)", "87.0 ± 1.4 (87.0)", "— (91.1)", "— (89.2)",
                                          "89.0 ± 1.4 (89.9)"]
@@ -98,27 +98,27 @@ def test_amazon_table_cells_are_mean_and_std_over_seeds_beside_the_papers():
                      "meta/meta_kd"]
     assert "over books, dvd only" in md
     one_seed = amazon()
-    md1 = "\n".join(publish.main_table(one_seed[one_seed["seed"] == 0], "amazon"))
+    md1 = "\n".join(paper.main_table(one_seed[one_seed["seed"] == 0], "amazon"))
     assert _cells(md1, "meta/meta_kd")[0] == "88.0 (91.5)"  # one seed: no "±"
 
 
 def test_mnli_table_has_paper_means_only():
     f = amazon().replace({"domain": {"books": "fiction", "dvd": "slate"}})
-    md = "\n".join(publish.main_table(f, "mnli"))
+    md = "\n".join(paper.main_table(f, "mnli"))
     row = _cells(md, "meta/meta_kd")
     assert row[0] == "89.0 ± 1.4 (—)" and row[-1] == "87.0 ± 1.4 (80.4)" and len(row) == 6
     assert _cells(md, "meta/tinybert_kd")[-1] == "86.5 ± 0.7 (—)"
 
 
 def test_improvement_rate_matches_a_naive_computation():
-    imp = publish.improvement(scarcity())
+    imp = paper.improvement(scarcity())
     assert list(imp["rate"]) == [0.01, 0.1, 1.0]
     for rate in SCARCITY:
         mean, std = _naive_improvement(rate)
         row = imp[imp["rate"] == rate].iloc[0]
         assert row["improvement"] == pytest.approx(mean) and row["improvement_std"] == pytest.approx(std)
         assert row["n_seeds"] == 2
-    md = "\n".join(publish.scarcity_table(scarcity()))
+    md = "\n".join(paper.scarcity_table(scarcity()))
     mean, std = _naive_improvement(0.01)
     assert _cells(md, "improvement rate of meta/meta_kd over single/tinybert_kd (%)")[0] == \
         f"{100 * mean:.1f} ± {100 * std:.1f}"
@@ -128,7 +128,7 @@ def test_improvement_rate_matches_a_naive_computation():
 
 
 def test_targets_values_and_met_or_missed():
-    t = publish.targets({"amazon-table": amazon(), "scarcity": scarcity()}).set_index("target")
+    t = paper.targets({"amazon-table": amazon(), "scarcity": scarcity()}).set_index("target")
 
     def get(prefix: str) -> tuple[float, str]:
         (row,) = [r for name, r in t.iterrows() if name.startswith(prefix)]
@@ -157,10 +157,10 @@ def test_targets_values_and_met_or_missed():
 
 
 def test_targets_not_run_without_the_data():
-    t = publish.targets({})
+    t = paper.targets({})
     assert set(t["met"]) == {"not run"} and len(t) == 8
     only_teachers = amazon()
-    t = publish.targets({"amazon-table": only_teachers[only_teachers["method"] == "teacher"]}).set_index("target")
+    t = paper.targets({"amazon-table": only_teachers[only_teachers["method"] == "teacher"]}).set_index("target")
     assert t.filter(like="a) Amazon", axis=0)["met"].item() == "yes"
     assert t.filter(like="b) Amazon", axis=0)["met"].item() == "not run"
 

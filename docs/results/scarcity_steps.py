@@ -2,7 +2,7 @@
 
 For each of DIR/scarcity.csv, DIR/scarcity-steps.csv (students with distill.min_steps=50) and
 DIR/scarcity-teacher-steps.csv (teachers too, teacher.min_steps=50) that exists (default DIR: docs/results): the
-summary's scarcity table (results.publish.scarcity_table: each teacher and student method's mean test accuracy per rate,
+summary's scarcity table (results.paper.scarcity_table: each teacher and student method's mean test accuracy per rate,
 Meta-KD's improvement rate), then how many of the students stayed near chance (test accuracy < 55 % on a balanced
 binary task) per method and rate.
 """
@@ -12,7 +12,7 @@ import sys
 
 import pandas as pd
 
-from metakd_ray.results.publish import scarcity_table
+from metakd_ray.results.paper import scarcity_table
 
 D = sys.argv[1] if len(sys.argv) > 1 else "docs/results"
 for name in ("scarcity", "scarcity-steps", "scarcity-teacher-steps"):
