@@ -34,6 +34,7 @@ run abl-one-stage amazon-table runs/amazon "sweep.methods=[single/tinybert_kd,me
     distill.stage1_epochs=5
 run abl-epochs amazon-table runs/amazon "sweep.methods=[single/tinybert_kd,meta/meta_kd]" distill.stage1_epochs=6 \
     distill.stage2_epochs=4
+run abl-depth amazon-table runs/amazon "sweep.methods=[meta/meta_kd]" model.student.num_layers=6
 run scarcity-teacher-steps scarcity runs/amazon "sweep.sample_rates=[0.01,0.05]" "sweep.seeds_per_rate=[3,3]" \
     teacher.min_steps=50 distill.min_steps=50
 python -m metakd_ray.results.students runs/amazon/sweeps/amazon-table runs/students > /dev/null \
