@@ -25,17 +25,18 @@ run() {  # run NAME PRESET RUN_DIR [overrides...]
 }
 run amazon-table amazon-table runs/amazon
 run scarcity scarcity runs/amazon
-run scarcity-steps scarcity runs/amazon "sweep.sample_rates=[0.01,0.05,0.1,0.2]" "sweep.seeds_per_rate=[3,3,3,3]" \
-    distill.min_steps=50
 run gamma2 gamma2 runs/amazon
 run mnli-table mnli-table runs/mnli-table
+# Ablations at full data: amazon-table under another name, reusing its meta-teacher and caches (students only)
+run abl-depth amazon-table runs/amazon "sweep.methods=[meta/meta_kd]" model.student.num_layers=6
 run abl-no-lambda amazon-table runs/amazon "sweep.methods=[meta/meta_kd]" distill.expertise_weights=false
+run abl-epochs amazon-table runs/amazon "sweep.methods=[meta/meta_kd]" distill.stage1_epochs=6 distill.stage2_epochs=4
+# The scarce rates with every teacher and student trained for at least 50 steps, one run per rate (each ~2 h here)
+for r in 0.1 0.05 0.01; do
+  run "scarcity-steps-r$r" scarcity runs/amazon "sweep.sample_rates=[$r]" "sweep.seeds_per_rate=[3]" \
+      teacher.min_steps=50 distill.min_steps=50
+done
 run abl-one-stage amazon-table runs/amazon "sweep.methods=[single/tinybert_kd,meta/meta_kd]" distill.stages=one \
     distill.stage1_epochs=5
-run abl-epochs amazon-table runs/amazon "sweep.methods=[single/tinybert_kd,meta/meta_kd]" distill.stage1_epochs=6 \
-    distill.stage2_epochs=4
-run abl-depth amazon-table runs/amazon "sweep.methods=[meta/meta_kd]" model.student.num_layers=6
-run scarcity-teacher-steps scarcity runs/amazon "sweep.sample_rates=[0.01,0.05]" "sweep.seeds_per_rate=[3,3]" \
-    teacher.min_steps=50 distill.min_steps=50
 python -m metakd_ray.results.students runs/amazon/sweeps/amazon-table runs/students > /dev/null \
     && cp runs/students/students.csv docs/results/amazon-table-students.csv

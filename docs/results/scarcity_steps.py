@@ -1,12 +1,13 @@
-"""The scarcity curve as the preset runs it and with distill.min_steps: python docs/results/scarcity_steps.py [DIR]
+"""The scarcity curve as the preset runs it and with every model given its steps: python docs/results/scarcity_steps.py [DIR]
 
-For each of DIR/scarcity.csv, DIR/scarcity-steps.csv (students with distill.min_steps=50) and
-DIR/scarcity-teacher-steps.csv (teachers too, teacher.min_steps=50) that exists (default DIR: docs/results): the
-summary's scarcity table (results.paper.scarcity_table: each teacher and student method's mean test accuracy per rate,
-Meta-KD's improvement rate), then how many of the students stayed near chance (test accuracy < 55 % on a balanced
-binary task) per method and rate.
+For DIR/scarcity.csv (the preset: fixed epochs) and, when any exists, DIR/scarcity-steps-r*.csv together (one run per
+rate, every teacher and student with at least 50 optimisation steps: teacher.min_steps=50 distill.min_steps=50;
+default DIR: docs/results): the summary's scarcity table (results.paper.scarcity_table: each teacher and student
+method's mean test accuracy per rate, Meta-KD's improvement rate), then how many of the students stayed near chance
+(test accuracy < 55 % on a balanced binary task) per method and rate.
 """
 
+import glob
 import os
 import sys
 
@@ -15,11 +16,13 @@ import pandas as pd
 from metakd_ray.results.paper import scarcity_table
 
 D = sys.argv[1] if len(sys.argv) > 1 else "docs/results"
-for name in ("scarcity", "scarcity-steps", "scarcity-teacher-steps"):
-    if not os.path.exists(path := f"{D}/{name}.csv"):
+runs = {"scarcity.csv": [f"{D}/scarcity.csv"] if os.path.exists(f"{D}/scarcity.csv") else [],
+        "scarcity-steps-r*.csv": sorted(glob.glob(f"{D}/scarcity-steps-r*.csv"))}
+for name, paths in runs.items():
+    if not paths:
         continue
-    rows = pd.read_csv(path)
-    print(f"### {name}.csv\n")
+    rows = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+    print(f"### {name}\n")
     print("\n".join(scarcity_table(rows)), "\n")
     s = rows[rows.method != "teacher"]
     s = s.assign(key=s.teacher + "/" + s.method, chance=s.test_acc < 0.55)
