@@ -260,3 +260,15 @@ def test_export_errors_write_nothing(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
         assert not out.exists()
+
+
+def test_the_scarcity_figure_is_exported_only_for_a_sweep_with_both_methods_it_compares():
+    def rows(*keys):
+        return pd.DataFrame([{"teacher": k.split("/")[0], "method": k.split("/")[1]} for k in keys])
+
+    both = rows("meta/teacher", "single/tinybert_kd", "meta/meta_kd")
+    alone = rows("meta/teacher", "meta/meta_kd")  # a gamma2 or ablation sweep: nothing to compare
+    assert publish.figure_applies("scarcity.png", both)
+    assert not publish.figure_applies("scarcity.png", alone)
+    assert not publish.figure_applies("scarcity.png", rows("single/teacher", "single/tinybert_kd"))
+    assert publish.figure_applies("gamma2.png", alone) and publish.figure_applies("bootstrap.md", alone)

@@ -63,8 +63,11 @@ def _line_plot(curves: pd.DataFrame, x: str, y: str, err: str, xlabel: str, ylab
     return _save_png(fig, out_png)
 
 
-def scarcity_curve(df: pd.DataFrame, out_png: Any = None, base: str = "single/tinybert_kd",
-                   ours: str = "meta/meta_kd") -> pd.DataFrame:
+SCARCITY_BASE, SCARCITY_OURS = "single/tinybert_kd", "meta/meta_kd"  # the methods the scarcity curve compares
+
+
+def scarcity_curve(df: pd.DataFrame, out_png: Any = None, base: str = SCARCITY_BASE,
+                   ours: str = SCARCITY_OURS) -> pd.DataFrame:
     """Improvement rate (acc_ours - acc_base) / acc_base per domain and sample rate (paper Fig. 3).
 
     Computed per seed on the cells' test_acc (both cells "ok"), then mean and sample std over seeds. The

@@ -2,9 +2,9 @@
 
 ``python -m metakd_ray.results.publish export RUN_DIR OUT_DIR [--name NAME]`` writes ``<NAME>.csv`` (one row per cell
 and seed: ``tables.per_seed``, the report's ``per_seed.csv``), ``<NAME>-costs.csv`` (stage, items, wall_s, cpu_s,
-gpu_s per stage: teachers, caches, trials, total) and the figures that apply (``<NAME>-scarcity.png``,
-``<NAME>-gamma2.png``, ``<NAME>-bootstrap.md``), all made by ``results.report``. Every file goes to a temporary name in
-OUT_DIR first and is renamed at the end: a failure leaves nothing behind.
+gpu_s per stage: teachers, caches, trials, total) and the figures that apply (``<NAME>-scarcity.png`` when the sweep
+has both methods the curve compares, ``<NAME>-gamma2.png``, ``<NAME>-bootstrap.md``), all made by ``results.report``.
+Every file goes to a temporary name in OUT_DIR first and is renamed at the end: a failure leaves nothing behind.
 
 ``python -m metakd_ray.results.publish summarize DIR [--write FILE]`` reads whichever of ``amazon-table.csv``,
 ``scarcity.csv``, ``mnli-table.csv``, ``gamma2.csv`` (and their ``-costs.csv``) DIR holds and prints markdown: the
@@ -30,6 +30,7 @@ import pandas as pd
 
 from metakd_ray.results.load import COSTS, ResultsError, load_results, open_sweep
 from metakd_ray.results.paper import PRESETS, costs_md, gamma2_table, main_table, md_table, scarcity_table, targets
+from metakd_ray.results.plots import SCARCITY_BASE, SCARCITY_OURS
 from metakd_ray.results.report import report
 from metakd_ray.results.tables import PER_SEED_COLUMNS
 
@@ -115,11 +116,22 @@ def export(run_dir: Any, out_dir: Any, name: str | None = None) -> dict[str, Pat
             out / f"{name}-costs.csv": costs_table(df).to_csv(index=False).encode(),
         }
         for fig in FIGURES:
-            if fig in written:
+            if fig in written and figure_applies(fig, rows):
                 stem, ext = fig.rsplit(".", 1)
                 files[out / f"{name}-{stem}.{ext}"] = Path(tmp) / fig
         _atomic_write(files)
     return {p.name: p for p in files}
+
+
+def figure_applies(fig: str, rows: pd.DataFrame) -> bool:
+    """Whether the report's figure ``fig`` says something about a sweep with these per-seed ``rows``: the scarcity
+    curve needs students of both of its methods (a gamma2 or ablation sweep of Meta-KD alone has none to compare;
+    its report still draws the empty placeholder a running sweep shows). Every other figure is written only when
+    it applies already."""
+    if fig != "scarcity.png":
+        return True
+    keys = set(rows["teacher"].astype(str) + "/" + rows["method"].astype(str))
+    return {SCARCITY_BASE, SCARCITY_OURS} <= keys
 
 
 def read_frames(directory: Any) -> dict[str, pd.DataFrame]:
