@@ -1,6 +1,6 @@
 """The ablations of docs/results.md beside the Amazon table: python docs/results/ablations.py [DIR]
 
-Reads DIR/amazon-table.csv (default DIR: docs/results), every DIR/abl-*.csv and, when DIR/gamma2.csv exists, its
+Reads DIR/amazon-table.csv (default DIR: docs/results), every DIR/abl-*.csv (not its -costs.csv) and, when DIR/gamma2.csv exists, its
 gamma2 = 0 rows (Meta-KD without L_TKD) as a variant and its gamma2 = 0.5 rows (Meta-KD as the table runs it) as a
 baseline. Prints markdown: test accuracy (%) per domain and the mean for each run and method, then per variant its
 effect against the baseline trained from the same meta-teacher, and the two quantities of the missed targets, in
@@ -52,7 +52,7 @@ if os.path.exists(f"{D}/gamma2.csv"):
     teachers = g[g.method == "teacher"]
     runs["gamma2 = 0.5 (the table's Meta-KD)"] = baselines["gamma2 = 0.5"] = pd.concat([g[g.gamma2 == 0.5], teachers])
     runs["gamma2 = 0 (no L_TKD)"] = variants["gamma2 = 0 (no L_TKD)"] = pd.concat([g[g.gamma2 == 0], teachers])
-for f in sorted(glob.glob(f"{D}/abl-*.csv")):
+for f in sorted(f for f in glob.glob(f"{D}/abl-*.csv") if not f.endswith("-costs.csv")):
     name = os.path.basename(f)[:-4]
     runs[name] = variants[name] = pd.read_csv(f).query("sample_rate == 1.0")
 
