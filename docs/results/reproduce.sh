@@ -36,7 +36,5 @@ for r in 0.1 0.05 0.01; do
   run "scarcity-steps-r$r" scarcity runs/amazon "sweep.sample_rates=[$r]" "sweep.seeds_per_rate=[3]" \
       teacher.min_steps=50 distill.min_steps=50
 done
-run abl-one-stage amazon-table runs/amazon "sweep.methods=[single/tinybert_kd,meta/meta_kd]" distill.stages=one \
-    distill.stage1_epochs=5
 python -m metakd_ray.results.students runs/amazon/sweeps/amazon-table runs/students > /dev/null \
     && cp runs/students/students.csv docs/results/amazon-table-students.csv
