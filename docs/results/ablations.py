@@ -1,10 +1,11 @@
 """The ablations of docs/results.md beside the Amazon table: python docs/results/ablations.py [DIR]
 
-Reads DIR/amazon-table.csv (default DIR: docs/results), every DIR/abl-*.csv (not its -costs.csv) and, when DIR/gamma2.csv exists, its
-gamma2 = 0 rows (Meta-KD without L_TKD) as a variant and its gamma2 = 0.5 rows (Meta-KD as the table runs it) as a
-baseline. Prints markdown: test accuracy (%) per domain and the mean for each run and method, then per variant its
-effect against the baseline trained from the same meta-teacher, and the two quantities of the missed targets, in
-points: Meta-KD - its meta-teacher (target d) and Meta-KD - the table's single -> TinyBERT-KD (target b).
+Reads DIR/amazon-table.csv (default DIR: docs/results), every DIR/abl-*.csv (not its -costs.csv) and, when
+DIR/gamma2.csv exists, its gamma2 = 0 rows (Meta-KD without L_TKD) as a variant and its gamma2 = 0.5 rows (Meta-KD
+as the table runs it) as a baseline. Prints markdown: test accuracy (%) per domain and the mean for each run and
+method, then per variant its effect against the baseline trained from the same meta-teacher, and the two quantities
+of the missed targets, in points: Meta-KD - its meta-teacher (target d) and Meta-KD - the table's single ->
+TinyBERT-KD (target b).
 
 A variant is compared only with a baseline whose meta-teacher rows (dev and test accuracy per domain) are identical
 to its own: the same teacher artefact. A teacher retrained on another machine differs slightly (bf16 kernels), and

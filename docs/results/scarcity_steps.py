@@ -1,4 +1,6 @@
-"""The scarcity curve as the preset runs it and with every model given its steps: python docs/results/scarcity_steps.py [DIR]
+"""The scarcity curve as the preset runs it and with every model given its steps.
+
+    python docs/results/scarcity_steps.py [DIR]
 
 For DIR/scarcity.csv (the preset: fixed epochs) and, when any exists, DIR/scarcity-steps-r*.csv together (one run per
 rate, every teacher and student with at least 50 optimisation steps: teacher.min_steps=50 distill.min_steps=50;
