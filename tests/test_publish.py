@@ -156,6 +156,35 @@ def test_targets_values_and_met_or_missed():
         assert math.isnan(value) and met == "not run"
 
 
+# MNLI, 3 genres, 1 seed: the paper's ordering there (single teacher < meta teacher, single/tinybert_kd < Meta-KD)
+MNLI = {
+    ("single", "teacher"): {("fiction", 0): .62, ("slate", 0): .58, ("travel", 0): .66},
+    ("meta", "teacher"): {("fiction", 0): .66, ("slate", 0): .60, ("travel", 0): .65},
+    ("single", "tinybert_kd"): {("fiction", 0): .55, ("slate", 0): .52, ("travel", 0): .61},
+    ("meta", "tinybert_kd"): {("fiction", 0): .58, ("slate", 0): .57, ("travel", 0): .59},
+    ("meta", "meta_kd"): {("fiction", 0): .57, ("slate", 0): .55, ("travel", 0): .60},
+}
+
+
+def test_mnli_targets_are_the_papers_ordering_of_its_mnli_means():
+    t = paper.targets({"mnli-table": _frame(_rows(MNLI, 1.0))}).set_index("target")
+    got = {name.split(")")[0]: (row["value"], row["met"]) for name, row in t.iterrows() if name.startswith("f")}
+    assert list(got) == ["fa", "fb", "fc"]
+    assert "fa) MNLI: meta teacher − single teacher ≥ 0 pp" in t.index  # the paper has no mix teacher on MNLI
+    assert "fb) MNLI: Meta-KD − single/tinybert_kd ≥ 0 pp" in t.index  # its ordering, not Amazon's +1.5
+
+    def by_hand(a: tuple, b: tuple) -> float:
+        return 100 * (_dmean(MNLI, a, 0) - _dmean(MNLI, b, 0))
+
+    assert got["fa"][0] == pytest.approx(by_hand(("meta", "teacher"), ("single", "teacher"))) == pytest.approx(5 / 3)
+    assert got["fa"][1] == "yes"
+    assert got["fb"][0] == pytest.approx(by_hand(("meta", "meta_kd"), ("single", "tinybert_kd"))) \
+        == pytest.approx(4 / 3)
+    assert got["fb"][1] == "yes"  # +1.3 < 1.5: Amazon's b would miss it
+    assert got["fc"][0] == pytest.approx(-2 / 3) and got["fc"][1] == "no"
+    assert set(t.loc[[n for n in t.index if not n.startswith("f")], "met"]) == {"not run"}
+
+
 def test_targets_not_run_without_the_data():
     t = paper.targets({})
     assert set(t["met"]) == {"not run"} and len(t) == 8
@@ -193,7 +222,7 @@ def test_summarize_sections_sources_and_write(tmp_path, capsys):
     # gamma2 0.2: domain means per seed .78/.80 -> 79.0 ± 1.4; gamma2 1: 70.0 ± 0.0
     assert _cells(md, "0.2") == ["1", "79.0 ± 1.4", "2"] and _cells(md, "1") == ["1", "70.0 ± 0.0", "2"]
     assert "| b) Amazon: Meta-KD − single/tinybert_kd ≥ 1.5 pp | +1.0 | no |" in md
-    assert "| fa) MNLI: meta teacher − mix teacher ≥ 0 pp | — | not run |" in md
+    assert "| fa) MNLI: meta teacher − single teacher ≥ 0 pp | — | not run |" in md
     assert "| d) Amazon: Meta-KD − meta teacher ≥ −1.0 pp (within 1.0 point of its teacher) | -2.0 | no |" in md
     rows = md[md.index("| target | our value | met |"):].splitlines()[2:]
     assert [r.split(" | ")[0][2:4] for r in rows if r] == ["a)", "b)", "c)", "d)", "e)", "e)", "fa", "fb", "fc"]
