@@ -177,7 +177,17 @@ def test_running_trials_at_most_one_line_per_interval():
         clock.t += 6.0
         cb.on_trial_result(iteration=epoch, trials=[t], trial=t,
                            result={"phase": "stage2", "epoch": epoch, "dev_acc": 0.5 + epoch / 100})
-    assert lines == ["[sweep] running: c #0 stage2 epoch 5 dev 0.540", "[sweep] running: c #0 stage2 epoch 10 dev 0.590"]
+    assert lines == ["[sweep] running: c #0 stage2 epoch 5 dev 0.540",
+                     "[sweep] running: c #0 stage2 epoch 10 dev 0.590"]
+
+
+def test_a_running_trial_without_a_dev_score_yet_shows_none():
+    """Stage 1 (layer distillation) is not evaluated and reports dev_acc 0.0 for Tune's metric: not a score."""
+    cb, clock, lines = make(total=1)
+    t = SimpleNamespace(status="RUNNING", trial_id="t1", config={"cell": "c", "slot": 0})
+    clock.t += 31.0
+    cb.on_trial_result(iteration=0, trials=[t], trial=t, result={"phase": "stage1", "epoch": 0, "dev_acc": 0.0})
+    assert lines == ["[sweep] running: c #0 stage1 epoch 1 dev —"]
 
 
 def test_a_callback_restored_from_its_pickle_paces_from_the_new_run():

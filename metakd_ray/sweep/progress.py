@@ -51,7 +51,7 @@ class EtaCallback(Callback):
             return
         self.last_status = now
         running = "; ".join(f"{r['label']} {r.get('phase', '?')} epoch {int(r.get('epoch', 0)) + 1} "
-                            f"dev {float(r.get('dev_acc', 0.0)):.3f}" for r in self.latest.values())
+                            f"dev {_dev(r)}" for r in self.latest.values())
         self.out(f"[sweep] running: {running}")
 
 
@@ -59,6 +59,13 @@ def _say(line: str) -> None:
     """``print`` looked up when called: Ray replaces the driver's ``print`` after ``ray.init`` (its tqdm_ray
     support), and a callback holding the original could then no longer be pickled into the Tuner."""
     print(line, flush=True)
+
+
+def _dev(result: dict) -> str:
+    """The best dev accuracy so far, or "—" before the dev-selected stage has scored one (the trial reports 0.0 for
+    Tune's metric then: a first stage that distils layers is not evaluated)."""
+    dev = float(result.get("dev_acc") or 0.0)
+    return f"{dev:.3f}" if dev > 0 else "—"
 
 
 def _name(trial: Any) -> str:
