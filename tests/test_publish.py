@@ -256,8 +256,10 @@ def smoke_copy(tmp_path) -> Path:
 def test_export_of_the_smoke_run(smoke_copy, tmp_path, capsys):
     out = tmp_path / "docs" / "results"
     written = publish.export(smoke_copy, out)
-    assert {"smoke.csv", "smoke-costs.csv", "smoke-scarcity.png"} <= set(written)
+    assert {"smoke.csv", "smoke-costs.csv", "smoke-bootstrap.md"} <= set(written)
     assert "smoke-gamma2.png" not in written  # gamma2 is not an axis of the smoke run
+    assert "smoke-scarcity.png" not in written  # one sample rate: no curve
+    assert (out / "smoke-bootstrap.md").read_text().startswith("## meta/meta_kd vs each baseline")
     assert sorted(p.name for p in out.iterdir()) == sorted(written)  # nothing else, no temporary left
     rows = pd.read_csv(out / "smoke.csv")
     assert list(rows.columns) == list(PER_SEED_COLUMNS)
@@ -291,13 +293,18 @@ def test_export_errors_write_nothing(tmp_path, capsys):
         assert not out.exists()
 
 
-def test_the_scarcity_figure_is_exported_only_for_a_sweep_with_both_methods_it_compares():
-    def rows(*keys):
-        return pd.DataFrame([{"teacher": k.split("/")[0], "method": k.split("/")[1]} for k in keys])
+def test_the_scarcity_figure_is_exported_only_for_a_sweep_with_both_methods_it_compares_at_two_rates():
+    def rows(*keys, rates=(0.1, 1.0)):
+        return pd.DataFrame([{"teacher": k.split("/")[0], "method": k.split("/")[1], "sample_rate": r}
+                             for k in keys for r in rates])
 
     both = rows("meta/teacher", "single/tinybert_kd", "meta/meta_kd")
     alone = rows("meta/teacher", "meta/meta_kd")  # a gamma2 or ablation sweep: nothing to compare
     assert publish.figure_applies("scarcity.png", both)
     assert not publish.figure_applies("scarcity.png", alone)
     assert not publish.figure_applies("scarcity.png", rows("single/teacher", "single/tinybert_kd"))
+    one_rate = rows("meta/teacher", "single/tinybert_kd", "meta/meta_kd", rates=(1.0,))  # a full-data table
+    assert not publish.figure_applies("scarcity.png", one_rate)
+    teachers_at_two = pd.concat([one_rate, rows("meta/teacher", rates=(0.1,))])  # the students at one rate only
+    assert not publish.figure_applies("scarcity.png", teachers_at_two)
     assert publish.figure_applies("gamma2.png", alone) and publish.figure_applies("bootstrap.md", alone)

@@ -3,7 +3,8 @@
 ``python -m metakd_ray.results.publish export RUN_DIR OUT_DIR [--name NAME]`` writes ``<NAME>.csv`` (one row per cell
 and seed: ``tables.per_seed``, the report's ``per_seed.csv``), ``<NAME>-costs.csv`` (stage, items, wall_s, cpu_s,
 gpu_s per stage: teachers, caches, trials, total) and the figures that apply (``<NAME>-scarcity.png`` when the sweep
-has both methods the curve compares, ``<NAME>-gamma2.png``, ``<NAME>-bootstrap.md``), all made by ``results.report``.
+has both methods the curve compares at two rates or more, ``<NAME>-gamma2.png``, ``<NAME>-bootstrap.md``), all made
+by ``results.report``.
 Every file goes to a temporary name in OUT_DIR first and is renamed at the end: a failure leaves nothing behind.
 
 ``python -m metakd_ray.results.publish summarize DIR [--write FILE]`` reads whichever of ``amazon-table.csv``,
@@ -126,12 +127,14 @@ def export(run_dir: Any, out_dir: Any, name: str | None = None) -> dict[str, Pat
 def figure_applies(fig: str, rows: pd.DataFrame) -> bool:
     """Whether the report's figure ``fig`` says something about a sweep with these per-seed ``rows``: the scarcity
     curve needs students of both of its methods (a gamma2 or ablation sweep of Meta-KD alone has none to compare;
-    its report still draws the empty placeholder a running sweep shows). Every other figure is written only when
-    it applies already."""
+    its report still draws the empty placeholder a running sweep shows) at two sample rates or more (a full-data
+    table or a one-rate run is one point per domain: its table and bootstrap say it). Every other figure is written
+    only when it applies already."""
     if fig != "scarcity.png":
         return True
-    keys = set(rows["teacher"].astype(str) + "/" + rows["method"].astype(str))
-    return {SCARCITY_BASE, SCARCITY_OURS} <= keys
+    keys = rows["teacher"].astype(str) + "/" + rows["method"].astype(str)
+    students = rows[keys.isin([SCARCITY_BASE, SCARCITY_OURS])]
+    return set(keys) >= {SCARCITY_BASE, SCARCITY_OURS} and students["sample_rate"].nunique() >= 2
 
 
 def read_frames(directory: Any) -> dict[str, pd.DataFrame]:
