@@ -19,7 +19,8 @@ from metakd_ray.results.paper import scarcity_table
 
 D = sys.argv[1] if len(sys.argv) > 1 else "docs/results"
 runs = {"scarcity.csv": [f"{D}/scarcity.csv"] if os.path.exists(f"{D}/scarcity.csv") else [],
-        "scarcity-steps-r*.csv": sorted(glob.glob(f"{D}/scarcity-steps-r*.csv"))}
+        "scarcity-steps-r*.csv": sorted(p for p in glob.glob(f"{D}/scarcity-steps-r*.csv")
+                                        if not p.endswith("-costs.csv"))}
 for name, paths in runs.items():
     if not paths:
         continue
